@@ -1,0 +1,119 @@
+"""`ocrd check`: findings about a loaded policy and the machine it runs on."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from ocrd.config import LoadedPolicy
+from ocrd.engine import EngineError, make_engine
+from ocrd.handles import build_index
+from ocrd.policy import conflicts
+from ocrd.snapshot import TRASH
+
+Finding = tuple[str, str]  # (ok | warning | error, text)
+
+
+def _dir_findings(label: str, path: str, *, must_exist: bool) -> list[Finding]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if must_exist:
+            return [
+                ("error", f"{label} {path} does not exist; create it (mkdir -p) or fix {label}")
+            ]
+        parent = os.path.dirname(path.rstrip("/")) or "/"
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if os.access(parent, os.W_OK | os.X_OK):
+            return [("ok", f"{label} {path} will be created on first use")]
+        return [
+            (
+                "warning",
+                f"{label} {path} does not exist and cannot be created by this user "
+                "(the hash cache will not persist)",
+            )
+        ]
+    except PermissionError:
+        return [("error", f"{label} {path} cannot be inspected by this user")]
+    if not stat.S_ISDIR(st.st_mode):
+        return [("error", f"{label} {path} is not a directory")]
+    found: list[Finding] = []
+    if not os.access(path, os.R_OK | os.X_OK):
+        found.append(("error", f"{label} {path} is not readable by this user"))
+    if not os.access(path, os.W_OK):
+        level = "error" if must_exist else "warning"
+        found.append(
+            (
+                level,
+                f"{label} {path} is not writable by this user; nothing can be pruned or restored"
+                if must_exist
+                else f"{label} {path} is not writable; the hash cache will not persist",
+            )
+        )
+    if not found:
+        found.append(("ok", f"{label} {path} exists and is writable"))
+    return found
+
+
+def run_checks(loaded: LoadedPolicy) -> list[Finding]:
+    policy = loaded.policy
+    root = str(policy.model_dir)
+    found: list[Finding] = [("ok", f"policy {loaded.path} is valid")]
+    found += _dir_findings("model_dir", root, must_exist=True)
+    trash = os.path.join(root, TRASH)
+    if os.path.islink(trash) or (os.path.lexists(trash) and not os.path.isdir(trash)):
+        found.append(
+            (
+                "error",
+                f"{trash} is not a plain directory; ocrd refuses to "
+                "quarantine into it. Move it away.",
+            )
+        )
+    assert policy.state_dir is not None
+    found += _dir_findings("state_dir", str(policy.state_dir), must_exist=False)
+    found += [("warning", text) for text in conflicts(policy)]
+    for item in policy.required:
+        if item.source is None:
+            continue
+        if not os.path.isfile(item.source):
+            found.append(
+                (
+                    "warning",
+                    f"required {item.name!r}: source {item.source} is not a "
+                    "readable file; it cannot be restored from there",
+                )
+            )
+        elif not os.access(item.source, os.R_OK):
+            found.append(
+                (
+                    "warning",
+                    f"required {item.name!r}: source {item.source} is not readable by this user",
+                )
+            )
+    try:
+        _, fallback = make_engine(policy.engine.backend)
+    except EngineError as exc:
+        found.append(("error", str(exc)))
+    else:
+        found.append(
+            ("warning", fallback)
+            if fallback
+            else ("ok", f"engine backend {policy.engine.backend!r} loads")
+        )
+    index = build_index(set())
+    if index.inspected < index.total:
+        found.append(
+            (
+                "warning",
+                f"the handle check can inspect {index.inspected} of "
+                f"{index.total} processes; models open in the others are not "
+                "seen. Run ocrd as the OCR workers' user, or grant it "
+                "CAP_SYS_PTRACE.",
+            )
+        )
+    else:
+        found.append(("ok", f"the handle check can inspect all {index.total} processes"))
+    if policy.suspend:
+        found.append(("warning", "suspend: true; nothing will be changed on disk"))
+    return found

@@ -1,0 +1,339 @@
+"""`ocrd` command line: subcommands -> exit codes (0 ok, 1 problems, 2 usage/policy, 3 pending)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from ocrd import __version__
+from ocrd.errors import EXIT_OK, EXIT_PENDING, EXIT_PROBLEMS, EXIT_USAGE, OcrdError
+
+PROGRESS_MIN_BYTES = 256 * 1024 * 1024
+
+
+def _fail(exc: OcrdError) -> NoReturn:
+    for line in str(exc).splitlines() or [type(exc).__name__]:
+        click.echo(f"ocrd: error: {line}", err=True)
+    sys.exit(exc.exit_code)
+
+
+class _Context:
+    def __init__(self, config: str | None) -> None:
+        self.config = config
+
+    def load(self, *, log_stream: Any = None) -> Any:
+        """Load the policy and configure logging; errors end the command with exit 2."""
+        from ocrd import log
+        from ocrd.config import load_policy, policy_path
+
+        loaded = load_policy(policy_path(self.config))
+        policy = loaded.policy
+        log.configure(
+            fmt=policy.log.format, level=policy.log.level, stream=log_stream or sys.stderr
+        )
+        return loaded
+
+
+def _progress() -> Any:
+    """A stderr progress line while hashing big files, on a terminal only."""
+    if not sys.stderr.isatty():
+        return None
+    last = [0.0]
+
+    def show(name: str, done: int, total: int) -> None:
+        if total < PROGRESS_MIN_BYTES:
+            return
+        now = time.monotonic()
+        if done < total and now - last[0] < 0.2:
+            return
+        last[0] = now
+        pct = 100 * done // max(total, 1)
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rhashing {name}: {pct:3d}% of {total / 2**30:.1f} GiB{end}")
+        sys.stderr.flush()
+
+    return show
+
+
+def _run(fn: Any) -> Any:
+    """Turn OcrdError into its one-line message and exit code; OCRD_DEBUG=1 keeps tracebacks."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except OcrdError as exc:
+            if os.environ.get("OCRD_DEBUG") == "1":
+                raise
+            _fail(exc)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "-c",
+    "config",
+    metavar="PATH",
+    help="Policy file [default: $OCRD_CONFIG, else /etc/ocrd/policy.yaml].",
+)
+@click.version_option(__version__, "--version", "-V", prog_name="ocrd")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None) -> None:
+    """Keep a directory of OCR/AI model files converged with a YAML policy."""
+    ctx.obj = _Context(config)
+
+
+@cli.command()
+@click.pass_obj
+@_run
+def check(obj: _Context) -> None:
+    """Validate the policy and the environment; print every finding."""
+    from ocrd.checks import run_checks
+
+    loaded = obj.load()
+    findings = run_checks(loaded)
+    for level, text in findings:
+        click.echo(f"{level}: {text}")
+    errors = sum(1 for level, _ in findings if level == "error")
+    warnings = sum(1 for level, _ in findings if level == "warning")
+    click.echo(f"{loaded.path}: {errors} error(s), {warnings} warning(s)")
+    sys.exit(EXIT_PROBLEMS if errors else EXIT_OK)
+
+
+@cli.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--all", "show_all", is_flag=True, help="Include ignored entries.")
+@click.pass_obj
+@_run
+def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
+    """Models with their class, the rule that decided it, size, age and pin."""
+    from ocrd import log, render
+    from ocrd.cycle import observe
+    from ocrd.model import Class, Pin
+    from ocrd.plan import reconcile
+
+    policy = obj.load().policy
+    snapshot = observe(policy, log=log.get(), progress=_progress())
+    now = time.time()
+    plan = reconcile(policy, snapshot, now=now)
+    shown = [c for c in plan.classified if show_all or c.cls is not Class.IGNORED]
+    if as_json:
+        click.echo(json.dumps(render.models_json(str(policy.model_dir), shown, now=now), indent=2))
+    else:
+        click.echo(render.models_table(shown, now=now) if shown else "The model dir is empty.")
+    bad = any(c.cls is Class.MISSING or c.pin is Pin.CORRUPT for c in plan.classified)
+    sys.exit(EXIT_PROBLEMS if bad else EXIT_OK)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.option("--exit-code", is_flag=True, help="Exit 3 when changes are pending, 0 when none.")
+@click.pass_obj
+@_run
+def plan(obj: _Context, as_json: bool, exit_code: bool) -> None:
+    """What `apply` would do, with reasons and bytes freed. Changes nothing."""
+    from ocrd import log, render
+    from ocrd.cycle import observe
+    from ocrd.plan import reconcile
+
+    policy = obj.load().policy
+    snapshot = observe(policy, log=log.get(), progress=_progress())
+    result = reconcile(policy, snapshot, now=time.time())
+    if as_json:
+        click.echo(json.dumps(render.plan_json(str(policy.model_dir), result), indent=2))
+    else:
+        click.echo(render.plan_text(result))
+    if result.errors:
+        sys.exit(EXIT_PROBLEMS)
+    sys.exit(EXIT_PENDING if exit_code and result.actions else EXIT_OK)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Log what would be done; change nothing.")
+@click.pass_obj
+@_run
+def apply(obj: _Context, dry_run: bool) -> None:
+    """Run one reconcile cycle, then exit. Logs go to stdout."""
+    from ocrd import log
+    from ocrd.cycle import run_cycle
+    from ocrd.engine import EngineError, make_engine
+    from ocrd.lock import DirLock
+
+    loaded = obj.load(log_stream=sys.stdout)
+    policy = loaded.policy
+    logger = log.get()
+    try:
+        engine, warning = make_engine(policy.engine.backend)
+    except EngineError as exc:
+        logger.error("engine.unavailable", error=str(exc))
+        sys.exit(EXIT_PROBLEMS)
+    if warning:
+        logger.warning("engine.fallback", warning=warning)
+    if dry_run:
+        result = run_cycle(policy, engine=engine, log=logger, dry_run=True, progress=_progress())
+    else:
+        _require_dir(policy.model_dir)
+        with DirLock(policy.model_dir):
+            try:
+                result = run_cycle(policy, engine=engine, log=logger, progress=_progress())
+            finally:
+                engine.release()
+    sys.exit(EXIT_PROBLEMS if result.problems else EXIT_OK)
+
+
+def _require_dir(path: Path) -> None:
+    from ocrd.errors import ModelDirError
+
+    if not path.is_dir():
+        raise ModelDirError(
+            f"model_dir {path} does not exist or is not a directory; create it or fix model_dir"
+        )
+
+
+@cli.group()
+def trash() -> None:
+    """Inspect, restore from, or purge the quarantine (`model_dir/.ocrd-trash/`)."""
+
+
+@trash.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@click.pass_obj
+@_run
+def trash_list(obj: _Context, as_json: bool) -> None:
+    """Quarantined models, oldest first."""
+    from ocrd import render
+    from ocrd.snapshot import read_trash
+
+    policy = obj.load().policy
+    _require_dir(policy.model_dir)
+    items = read_trash(str(policy.model_dir))
+    now = time.time()
+    if as_json:
+        click.echo(json.dumps(render.trash_json(str(policy.model_dir), items, now=now), indent=2))
+    else:
+        click.echo(render.trash_table(items, now=now))
+
+
+@trash.command("restore")
+@click.argument("name")
+@click.option("--as", "as_name", metavar="NEW", help="Restore under another name.")
+@click.pass_obj
+@_run
+def trash_restore(obj: _Context, name: str, as_name: str | None) -> None:
+    """Put a quarantined model back (NAME: its id, or its name for the newest copy)."""
+    from ocrd import executor, log
+    from ocrd.errors import UsageError
+    from ocrd.lock import DirLock
+    from ocrd.policy import check_name
+    from ocrd.snapshot import read_trash
+
+    policy = obj.load(log_stream=sys.stdout).policy
+    _require_dir(policy.model_dir)
+    if as_name is not None:
+        try:
+            check_name(as_name)
+        except ValueError as exc:
+            raise UsageError(f"--as: {exc}") from None
+    root = str(policy.model_dir)
+    with DirLock(policy.model_dir):
+        items = read_trash(root)
+        matches = [t for t in items if t.id == name] or [t for t in items if t.name == name]
+        if not matches:
+            raise UsageError(f"nothing named {name!r} in the quarantine; see `ocrd trash list`")
+        item = matches[-1]
+        try:
+            restored = executor.restore_from_trash(root, item, as_name=as_name)
+        except (OSError, executor.ActionError) as exc:
+            log.get().error(
+                "action.failed", model=item.name, action="trash.restore", error=str(exc)
+            )
+            sys.exit(EXIT_PROBLEMS)
+        _warn_if_pruned_again(policy, restored)
+        log.get().info(
+            "trash.restored", model=restored, trash_id=item.id, bytes=item.size, dest=restored
+        )
+
+
+def _warn_if_pruned_again(policy: Any, name: str) -> None:
+    from ocrd.model import Class
+    from ocrd.plan import classify
+    from ocrd.snapshot import stat_entry
+
+    verdict = classify(policy, stat_entry(str(policy.model_dir), name))
+    if verdict.cls is Class.PRUNE or (
+        verdict.cls is Class.UNMANAGED and policy.unmanaged == "prune"
+    ):
+        click.echo(
+            f"ocrd: warning: {name!r} matches {verdict.rule}; the next cycle will prune it "
+            "again once it is older than prune.min_age. Restore it under another name "
+            "(--as) or change the policy.",
+            err=True,
+        )
+
+
+@trash.command("purge")
+@click.option("--all", "purge_all", is_flag=True, help="Purge every item, not only expired ones.")
+@click.pass_obj
+@_run
+def trash_purge(obj: _Context, purge_all: bool) -> None:
+    """Delete quarantined models older than quarantine.retention (or all of them)."""
+    from ocrd import executor, log
+    from ocrd.lock import DirLock
+    from ocrd.snapshot import read_trash
+
+    policy = obj.load(log_stream=sys.stdout).policy
+    _require_dir(policy.model_dir)
+    root = str(policy.model_dir)
+    logger = log.get()
+    failed = 0
+    with DirLock(policy.model_dir):
+        now = time.time()
+        for item in read_trash(root):
+            if not purge_all and now - item.trashed_at < policy.quarantine.retention:
+                continue
+            try:
+                executor.purge(root, item.id)
+            except OSError as exc:
+                failed += 1
+                logger.error("action.failed", model=item.name, action="purge", error=str(exc))
+                continue
+            logger.info(
+                "trash.purged",
+                model=item.name,
+                trash_id=item.id,
+                bytes=item.size,
+                reason="ocrd trash purge" + (" --all" if purge_all else ""),
+                dest="deleted",
+            )
+    sys.exit(EXIT_PROBLEMS if failed else EXIT_OK)
+
+
+def main() -> None:
+    try:
+        cli.main(prog_name="ocrd", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("ocrd: aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(EXIT_USAGE)
+    except OcrdError as exc:
+        _fail(exc)
+    except Exception as exc:  # a bug: one line for the user, the traceback on request
+        if os.environ.get("OCRD_DEBUG") == "1":
+            raise
+        click.echo(
+            f"ocrd: internal error: {type(exc).__name__}: {exc} (set OCRD_DEBUG=1 for a traceback)",
+            err=True,
+        )
+        sys.exit(EXIT_PROBLEMS)
+    sys.exit(EXIT_OK)

@@ -1,0 +1,327 @@
+"""Load a policy: the file (read safely), environment overrides, and paths
+resolved against the disk. Every error names file, line, key and a fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ocrd import yamlsafe
+from ocrd.errors import PolicyError, Problem
+from ocrd.policy import Loc, Policy, cross_check
+
+DEFAULT_PATH = Path("/etc/ocrd/policy.yaml")
+ENV_PREFIX = "OCRD_"
+FIX = "Fix it, then run `ocrd check`."
+
+# model_dir may be none of these, nor below the second group (pseudo or system trees).
+FORBIDDEN_EXACT = frozenset(
+    [
+        "/",
+        "/etc",
+        "/usr",
+        "/bin",
+        "/sbin",
+        "/lib",
+        "/lib32",
+        "/lib64",
+        "/boot",
+        "/dev",
+        "/proc",
+        "/sys",
+        "/run",
+        "/var",
+        "/var/lib",
+        "/home",
+        "/root",
+        "/tmp",  # noqa: S108 - a value model_dir may not take, not a temp file
+        "/opt",
+        "/srv",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/sbin",
+        "/usr/local",
+    ]
+)
+FORBIDDEN_TREES = (
+    "/proc",
+    "/sys",
+    "/dev",
+    "/boot",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/usr/bin",
+    "/usr/sbin",
+    "/usr/lib",
+)
+
+
+class Settings(BaseSettings, Policy):
+    """The policy with environment overrides: OCRD_MODEL_DIR, OCRD_LOG__LEVEL, …"""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+        case_sensitive=False,
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the file; no .env or secret files are read.
+        return (env_settings, init_settings)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedPolicy:
+    """A validated policy and where it came from."""
+
+    policy: Policy
+    path: Path
+    digest: str  # sha256 of the file's bytes: which version is in force
+    warnings: tuple[str, ...] = ()
+
+
+def policy_path(cli_value: str | os.PathLike[str] | None) -> Path:
+    """--config, else $OCRD_CONFIG, else /etc/ocrd/policy.yaml."""
+    if cli_value:
+        return Path(cli_value)
+    env = os.environ.get("OCRD_CONFIG")
+    return Path(env) if env else DEFAULT_PATH
+
+
+def _key(loc: Loc) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
+    for end in range(len(loc), -1, -1):
+        if loc[:end] in lines:
+            return lines[loc[:end]]
+    return None
+
+
+def _env_var(loc: Loc) -> str | None:
+    """The OCRD_* variable that set this key path, if one is set."""
+    words = [p for p in loc if isinstance(p, str)]
+    for end in range(len(words), 0, -1):
+        name = ENV_PREFIX + "__".join(words[:end]).upper()
+        if name in {k.upper() for k in os.environ}:
+            return name
+    return None
+
+
+def _valid_keys(loc: Loc) -> str:
+    model: Any = Policy
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return ""
+        annotation = field.annotation
+        inner = getattr(annotation, "__args__", None)
+        if inner:
+            annotation = next((a for a in inner if hasattr(a, "model_fields")), annotation)
+        if not hasattr(annotation, "model_fields"):
+            return ""
+        model = annotation
+    return ", ".join(model.model_fields)
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        valid = _valid_keys(tuple(error["loc"]))
+        return f"unknown key; valid keys here are: {valid}" if valid else "unknown key"
+    if kind == "missing":
+        return "is required but not set"
+    msg = str(error["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return msg
+
+
+def _problems_from(exc: ValidationError, path: Path, lines: dict[Loc, int]) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc: Loc = tuple(error["loc"])
+        env = _env_var(loc)
+        where = f"{path} (environment {env})" if env else str(path)
+        line = None if env else _line_for(loc, lines)
+        problems.append(Problem(where, line, _key(loc), f"{_message(error)}. {FIX}"))
+    return problems
+
+
+def _read(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(yamlsafe.MAX_BYTES + 1)
+    except FileNotFoundError:
+        raise PolicyError(
+            [
+                Problem(
+                    str(path),
+                    None,
+                    "",
+                    "policy file not found. Pass "
+                    "--config PATH or set OCRD_CONFIG; see config.example.yaml.",
+                )
+            ]
+        ) from None
+    except IsADirectoryError:
+        raise PolicyError(
+            [
+                Problem(
+                    str(path),
+                    None,
+                    "",
+                    "is a directory, not a policy file. Pass the YAML file itself with --config.",
+                )
+            ]
+        ) from None
+    except OSError as exc:
+        raise PolicyError(
+            [Problem(str(path), None, "", f"cannot read: {exc.strerror}. Check its permissions.")]
+        ) from None
+    return data
+
+
+def resolve_model_dir(raw: Path, base: Path) -> Path:
+    """Absolute, symlinks resolved, and not a system directory."""
+    path = raw if raw.is_absolute() else base / raw
+    resolved = Path(os.path.realpath(path))
+    text = str(resolved)
+    home = os.path.realpath(os.path.expanduser("~"))
+    if text in FORBIDDEN_EXACT or text == home:
+        raise ValueError(
+            f"{raw} resolves to {text}, a system or home directory; point model_dir at a "
+            "directory that holds only models, e.g. /var/lib/ocrd/models"
+        )
+    for tree in FORBIDDEN_TREES:
+        if text.startswith(tree + "/"):
+            raise ValueError(
+                f"{raw} resolves to {text}, inside the system directory {tree}; point "
+                "model_dir at a directory that holds only models, e.g. /var/lib/ocrd/models"
+            )
+    return resolved
+
+
+def default_state_dir() -> Path:
+    """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/ocrd, else ~/.local/state/ocrd."""
+    systemd = os.environ.get("STATE_DIRECTORY")
+    if systemd:
+        return Path(systemd.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME")
+    if xdg:
+        return Path(xdg) / "ocrd"
+    return Path(os.path.expanduser("~")) / ".local" / "state" / "ocrd"
+
+
+def _resolve(policy: Policy, path: Path, lines: dict[Loc, int]) -> Policy:
+    base = path.resolve().parent
+    problems: list[Problem] = []
+
+    def fail(loc: Loc, message: str) -> None:
+        env = _env_var(loc)
+        where = f"{path} (environment {env})" if env else str(path)
+        problems.append(
+            Problem(where, None if env else _line_for(loc, lines), _key(loc), f"{message}. {FIX}")
+        )
+
+    model_dir = policy.model_dir
+    try:
+        model_dir = resolve_model_dir(policy.model_dir, base)
+    except ValueError as exc:
+        fail(("model_dir",), str(exc))
+    state_dir = policy.state_dir
+    state_dir = (
+        default_state_dir()
+        if state_dir is None
+        else (state_dir if state_dir.is_absolute() else base / state_dir)
+    )
+    state_dir = Path(os.path.realpath(state_dir))
+    if state_dir == model_dir or model_dir in state_dir.parents:
+        fail(
+            ("state_dir",),
+            f"{state_dir} is inside model_dir {model_dir}; keep ocrd's state outside the models",
+        )
+    required = []
+    for item in policy.required:
+        if item.source is not None and not item.source.is_absolute():
+            item = item.model_copy(update={"source": (base / item.source).resolve()})
+        required.append(item)
+    runtime = policy.engine.runtime_dir
+    engine = policy.engine
+    if runtime is not None and not runtime.is_absolute():
+        engine = engine.model_copy(update={"runtime_dir": (base / runtime).resolve()})
+    for loc, message in cross_check(policy):
+        fail(loc, message)
+    if problems:
+        raise PolicyError(problems)
+    return policy.model_copy(
+        update={
+            "model_dir": model_dir,
+            "state_dir": state_dir,
+            "required": required,
+            "engine": engine,
+        }
+    )
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Read, validate and resolve the policy at *path*; PolicyError lists every problem."""
+    data = _read(path)
+    try:
+        raw, lines = yamlsafe.load(data)
+    except yamlsafe.YamlError as exc:
+        raise PolicyError([Problem(str(path), exc.line, "", f"{exc}. {FIX}")]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PolicyError(
+            [
+                Problem(
+                    str(path),
+                    1,
+                    "",
+                    "expected a mapping of keys (model_dir: …, "
+                    f"prune: …), got a {type(raw).__name__}. {FIX}",
+                )
+            ]
+        )
+    try:
+        settings = Settings(**raw)
+    except ValidationError as exc:
+        raise PolicyError(_problems_from(exc, path, lines)) from None
+    fields = {name: getattr(settings, name) for name in Policy.model_fields}
+    policy = Policy.model_construct(**fields)
+    resolved = _resolve(policy, path, lines)
+    return LoadedPolicy(
+        policy=resolved,
+        path=path,
+        digest=hashlib.sha256(data).hexdigest(),
+    )

@@ -1,0 +1,109 @@
+"""One reconcile cycle: recover -> scan -> plan -> apply. The CLI's `apply`
+runs it once; the daemon runs it on every trigger."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ocrd import executor
+from ocrd.engine import Engine
+from ocrd.model import ActionKind, Class, Outcome, Plan, ReportKind, Snapshot
+from ocrd.plan import reconcile
+from ocrd.policy import Policy
+from ocrd.snapshot import HashCache, Progress, scan
+
+
+@dataclass(frozen=True, slots=True)
+class CycleResult:
+    snapshot: Snapshot
+    plan: Plan
+    outcome: Outcome
+    recovered: tuple[str, ...]
+    duration_ms: float
+
+    @property
+    def problems(self) -> list[str]:
+        """Why the model dir is not converged after this cycle (empty: all good)."""
+        found = list(self.plan.errors)
+        found += [f"{a.name}: {why}" for a, why in self.outcome.failed]
+        found += [f"{a.name}: {why}" for a, why in self.outcome.skipped]
+        if self.outcome.engine_error:
+            found.append(f"engine: {self.outcome.engine_error}")
+        restored = {a.name for a in self.outcome.done if a.kind is ActionKind.RESTORE}
+        found += [
+            f"{r.name}: {r.kind.value} ({r.reason})"
+            for r in self.plan.reports
+            if r.kind in (ReportKind.MISSING, ReportKind.CORRUPT) and r.name not in restored
+        ]
+        return found
+
+
+def observe(policy: Policy, *, log: executor.Log, progress: Progress | None = None) -> Snapshot:
+    """Scan the model dir, hashing pinned models through the state dir's cache."""
+    cache = HashCache(policy.state_dir)
+    snapshot = scan(policy.model_dir, pins=policy.pins(), cache=cache, progress=progress)
+    error = cache.save()
+    if error:
+        log.warning(
+            "hashcache.unwritable",
+            error=error,
+            hint="pinned models are re-hashed every cycle until the state dir is writable",
+        )
+    return snapshot
+
+
+def run_cycle(
+    policy: Policy,
+    *,
+    engine: Engine,
+    log: executor.Log,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    clock: Callable[[], float] = time.time,
+) -> CycleResult:
+    """One pass; destructive only when not *dry_run* and the policy is not suspended."""
+    started = time.monotonic()
+    root = str(policy.model_dir)
+    recovered = () if dry_run else tuple(executor.recover(root, log))
+    snapshot = observe(policy, log=log, progress=progress)
+    plan = reconcile(policy, snapshot, now=clock())
+    for error in plan.errors:
+        log.error("plan.refused", error=error)
+    for report in plan.reports:
+        if report.kind is ReportKind.MISSING:
+            log.warning("model.missing", model=report.name, reason=report.reason)
+        elif report.kind is ReportKind.CORRUPT:
+            log.warning("model.corrupt", model=report.name, reason=report.reason)
+    if dry_run:
+        for action in plan.actions:
+            log.info(
+                "action.planned",
+                action=action.kind.value,
+                model=action.name,
+                reason=action.reason,
+                bytes=action.bytes,
+                dry_run=True,
+            )
+        outcome = Outcome()
+    else:
+        outcome = executor.apply(plan, root=root, engine=engine, log=log, clock=clock)
+    result = CycleResult(
+        snapshot, plan, outcome, recovered, round((time.monotonic() - started) * 1000, 1)
+    )
+    log.info(
+        "cycle.finished",
+        models=sum(
+            1 for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED
+        ),
+        planned=len(plan.actions),
+        done=len(outcome.done),
+        failed=len(outcome.failed),
+        skipped=len(outcome.skipped),
+        bytes_freed=sum(a.bytes for a in outcome.done if a.kind is not ActionKind.RESTORE),
+        suspended=plan.suspended,
+        dry_run=dry_run,
+        duration_ms=result.duration_ms,
+    )
+    return result

@@ -1,0 +1,161 @@
+"""Plain values shared by the core: entries, snapshots, actions, plans.
+
+Frozen dataclasses only; nothing here touches the disk or the clock.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Kind(str, Enum):
+    FILE = "file"
+    DIR = "dir"
+    SYMLINK = "symlink"
+    OTHER = "other"
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One top-level entry of the model dir, as lstat saw it."""
+
+    name: str
+    kind: Kind
+    size: int  # bytes; a directory counts everything below it, a symlink its own length
+    mtime: float  # seconds; a directory: the newest mtime inside it
+    inode: int
+    device: int
+    mtime_ns: int  # the entry's own st_mtime_ns, used to notice a change before acting
+    sha256: str | None = None  # only computed for pinned required models
+
+
+@dataclass(frozen=True, slots=True)
+class TrashItem:
+    """One quarantined model in `.ocrd-trash/`."""
+
+    id: str  # directory name inside .ocrd-trash
+    name: str  # the model's original entry name
+    trashed_at: float
+    reason: str
+    size: int
+    sha256: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Observed state of one model dir at one instant."""
+
+    root: str
+    device: int
+    entries: tuple[Entry, ...] = ()
+    trash: tuple[TrashItem, ...] = ()
+
+    def by_name(self) -> dict[str, Entry]:
+        return {e.name: e for e in self.entries}
+
+
+class Class(str, Enum):
+    """The classes of DESIGN §3, in the order the rule tries them."""
+
+    IGNORED = "ignored"
+    REQUIRED = "required"
+    ALLOWED = "allowed"
+    PRUNE = "prune"
+    UNMANAGED = "unmanaged"
+    MISSING = "missing"  # a required name with no entry
+
+
+class Pin(str, Enum):
+    NONE = "unpinned"
+    OK = "ok"
+    CORRUPT = "corrupt"
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """An entry (or a missing required name) with the class and the rule that decided it."""
+
+    name: str
+    cls: Class
+    rule: str
+    entry: Entry | None = None
+    pin: Pin = Pin.NONE
+
+
+class ActionKind(str, Enum):
+    PRUNE = "prune"
+    RESTORE = "restore"
+    PURGE = "purge"
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    """One change on disk, with the rule and a human reason."""
+
+    kind: ActionKind
+    name: str
+    reason: str
+    rule: str
+    bytes: int = 0
+    entry: Entry | None = None  # what the target looked like when planned (None: absent)
+    mode: str = ""  # prune: quarantine | delete
+    source: str | None = None  # restore: where from
+    sha256: str | None = None  # restore: the pin to verify
+    trash_id: str | None = None  # purge: which trash item
+
+
+class ReportKind(str, Enum):
+    MISSING = "missing"
+    CORRUPT = "corrupt"
+    UNMANAGED = "unmanaged"
+    WAITING = "waiting"
+    DEFERRED = "deferred"  # over max_per_cycle: next cycle
+    REFUSED = "refused"  # over max_fraction: no prune this cycle
+    SUSPENDED = "suspended"  # suspend: true turned an action into a report
+    BUSY = "busy"
+    CONFLICT = "conflict"
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """Something an operator should know about that changes nothing on disk."""
+
+    kind: ReportKind
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What apply would do, and what it only reports."""
+
+    actions: tuple[Action, ...] = ()
+    reports: tuple[Report, ...] = ()
+    classified: tuple[Classified, ...] = ()
+    errors: tuple[str, ...] = ()
+    suspended: bool = False
+
+    @property
+    def bytes_freed(self) -> int:
+        return sum(a.bytes for a in self.actions if a.kind is not ActionKind.RESTORE)
+
+    @property
+    def changes_disk(self) -> bool:
+        return bool(self.actions)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one executed plan did."""
+
+    done: tuple[Action, ...] = ()
+    failed: tuple[tuple[Action, str], ...] = ()
+    skipped: tuple[tuple[Action, str], ...] = ()
+    busy: tuple[Report, ...] = ()
+    engine_error: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.engine_error is None

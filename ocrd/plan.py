@@ -1,0 +1,209 @@
+"""Classification and reconciliation: the pure heart of ocrd.
+
+`reconcile(policy, snapshot, now=...)` decides; executor.apply() acts.
+No I/O and no clock here: the caller passes *now*, and the same input gives
+the same plan whatever the order of the snapshot's entries.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+
+from ocrd.model import (
+    Action,
+    ActionKind,
+    Class,
+    Classified,
+    Entry,
+    Kind,
+    Pin,
+    Plan,
+    Report,
+    ReportKind,
+    Snapshot,
+)
+from ocrd.policy import Policy, format_duration, human_age
+
+
+def _first_glob(name: str, globs: Iterable[str]) -> str | None:
+    for glob in globs:
+        if fnmatch.fnmatchcase(name, glob):
+            return glob
+    return None
+
+
+def classify(policy: Policy, entry: Entry) -> Classified:
+    """The first rule of DESIGN §3 that applies to *entry*."""
+    name = entry.name
+    if name.startswith("."):
+        return Classified(name, Class.IGNORED, "dot-entry", entry)
+    glob = _first_glob(name, policy.ignore)
+    if glob is not None:
+        return Classified(name, Class.IGNORED, f"ignore {glob!r}", entry)
+    for item in policy.required:
+        if item.name == name:
+            if item.sha256 is None:
+                pin = Pin.NONE
+            elif entry.kind is Kind.FILE and entry.sha256 == item.sha256:
+                pin = Pin.OK
+            else:
+                pin = Pin.CORRUPT
+            return Classified(name, Class.REQUIRED, "required", entry, pin)
+    glob = _first_glob(name, policy.whitelist)
+    if glob is not None:
+        return Classified(name, Class.ALLOWED, f"whitelist {glob!r}", entry)
+    for prefix in policy.prune.prefixes:
+        if name.startswith(prefix):
+            return Classified(name, Class.PRUNE, f"prefix {prefix!r}", entry)
+    return Classified(name, Class.UNMANAGED, "no rule", entry)
+
+
+def _age(entry: Entry, now: float) -> float:
+    return max(0.0, now - entry.mtime)
+
+
+def _corrupt_reason(entry: Entry, pin: str) -> str:
+    if entry.kind is not Kind.FILE:
+        return f"pinned model is a {entry.kind.value}, not a file"
+    if entry.sha256 is None:
+        return "sha256 could not be computed"
+    return f"sha256 {entry.sha256[:12]}… differs from pin {pin[:12]}…"
+
+
+def reconcile(policy: Policy, snapshot: Snapshot, *, now: float) -> Plan:
+    """Actions that bring *snapshot* in line with *policy*, plus reports.
+
+    Pure: no I/O, no clock (the caller passes *now*); entries are sorted so
+    the result does not depend on their order. executor.apply() carries it out.
+    """
+    entries = sorted(snapshot.entries, key=lambda e: e.name)
+    classified = [classify(policy, e) for e in entries]
+    present = {c.name for c in classified}
+    reports: list[Report] = []
+    actions: list[Action] = []
+    errors: list[str] = []
+
+    # Required models: missing or corrupt ones are restored when a source is known.
+    for item in sorted(policy.required, key=lambda r: r.name):
+        if item.name in present:
+            continue
+        classified.append(Classified(item.name, Class.MISSING, "required"))
+        reports.append(Report(ReportKind.MISSING, item.name, "required model is absent"))
+        if item.source is not None:
+            actions.append(
+                Action(
+                    ActionKind.RESTORE,
+                    item.name,
+                    reason=f"missing; restore from {item.source}",
+                    rule="required",
+                    source=str(item.source),
+                    sha256=item.sha256,
+                )
+            )
+    sources = {r.name: r for r in policy.required}
+    for c in classified:
+        if c.cls is Class.REQUIRED and c.pin is Pin.CORRUPT and c.entry is not None:
+            item = sources[c.name]
+            why = _corrupt_reason(c.entry, item.sha256 or "")
+            reports.append(Report(ReportKind.CORRUPT, c.name, why))
+            if item.source is not None:
+                actions.append(
+                    Action(
+                        ActionKind.RESTORE,
+                        c.name,
+                        reason=f"corrupt ({why}); restore from {item.source}",
+                        rule="required",
+                        entry=c.entry,
+                        source=str(item.source),
+                        sha256=item.sha256,
+                    )
+                )
+
+    # Prune candidates: prefix matches, and unmanaged entries when asked to.
+    min_age = policy.prune.min_age
+    due: list[tuple[Classified, Entry]] = []
+    for c in classified:
+        if c.entry is None:
+            continue
+        if c.cls is Class.UNMANAGED:
+            reports.append(Report(ReportKind.UNMANAGED, c.name, "matches no rule"))
+            if policy.unmanaged != "prune":
+                continue
+        elif c.cls is not Class.PRUNE:
+            continue
+        age = _age(c.entry, now)
+        if age < min_age:
+            reports.append(
+                Report(
+                    ReportKind.WAITING,
+                    c.name,
+                    f"{c.rule}, {human_age(age)} old, "
+                    f"pruned once older than {format_duration(min_age)}",
+                )
+            )
+            continue
+        due.append((c, c.entry))
+
+    models = sum(1 for c in classified if c.cls not in (Class.IGNORED, Class.MISSING))
+    if due and len(due) > policy.prune.max_fraction * models:
+        errors.append(
+            f"refusing to prune {len(due)} of {models} models: more than "
+            f"prune.max_fraction={policy.prune.max_fraction:g}; nothing is pruned this cycle. "
+            "Check the policy (a typo in prune.prefixes?), or raise max_fraction."
+        )
+        for c, _ in due:
+            reports.append(Report(ReportKind.REFUSED, c.name, "over prune.max_fraction"))
+        due = []
+    due.sort(key=lambda ce: (ce[1].mtime, ce[1].name))
+    cap = policy.prune.max_per_cycle
+    for c, _entry in due[cap:]:
+        reports.append(
+            Report(ReportKind.DEFERRED, c.name, f"over prune.max_per_cycle={cap}; next cycle")
+        )
+    for c, entry in due[:cap]:
+        rule = "unmanaged: prune" if c.cls is Class.UNMANAGED else c.rule
+        actions.append(
+            Action(
+                ActionKind.PRUNE,
+                c.name,
+                reason=f"{rule}, {human_age(_age(entry, now))} old",
+                rule=rule,
+                bytes=entry.size,
+                entry=entry,
+                mode=policy.prune.action,
+            )
+        )
+
+    # Quarantine retention.
+    retention = policy.quarantine.retention
+    for trashed in sorted(snapshot.trash, key=lambda t: (t.trashed_at, t.id)):
+        if now - trashed.trashed_at >= retention:
+            actions.append(
+                Action(
+                    ActionKind.PURGE,
+                    trashed.name,
+                    reason=f"in quarantine longer than {format_duration(retention)}",
+                    rule="quarantine.retention",
+                    bytes=trashed.size,
+                    trash_id=trashed.id,
+                )
+            )
+
+    order = {ActionKind.RESTORE: 0, ActionKind.PRUNE: 1, ActionKind.PURGE: 2}
+    actions.sort(key=lambda a: (order[a.kind], a.entry.mtime if a.entry else 0.0, a.name))
+    reports.sort(key=lambda r: (r.kind.value, r.name))
+    classified.sort(key=lambda c: c.name)
+    if policy.suspend and actions:
+        reports.extend(
+            Report(ReportKind.SUSPENDED, a.name, f"would {a.kind.value}: {a.reason}")
+            for a in actions
+        )
+        actions = []
+    return Plan(
+        actions=tuple(actions),
+        reports=tuple(reports),
+        classified=tuple(classified),
+        errors=tuple(errors),
+        suspended=policy.suspend,
+    )

@@ -1,0 +1,301 @@
+"""The policy: desired state of a model dir, as pydantic models.
+
+Validators only. Reading files, the environment and resolving paths against
+the disk happen in config.py; this module is pure.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+MAX_DURATION = 10 * 365 * 86400.0  # ten years: anything longer is a typo
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+DEFAULT_IGNORE = ("*.part", "*.tmp", "*.download", "*.lock")
+
+
+def parse_duration(value: Any) -> float:
+    """'90s', '10m', '2h', '7d', '200ms' or plain seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a duration like '10m' or '2h', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        match = _DURATION.match(value)
+        if match is None:
+            raise ValueError(f"expected a duration like '90s', '10m', '2h' or '7d', got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+    else:
+        raise ValueError(f"expected a duration like '10m' or '2h', got {type(value).__name__}")
+    if seconds != seconds or seconds < 0:  # NaN or negative
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {value!r} is longer than ten years; use something like '7d'")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds -> the shortest exact unit string ('10m', '7d', '1.5s')."""
+    for unit in ("w", "d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    if seconds and seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    return f"{seconds:g}s"
+
+
+def human_age(seconds: float) -> str:
+    """An approximate age for people: '45s', '12m', '2h 5m', '3d 4h'."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86400}d {s % 86400 // 3600}h"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _check_word(value: str, what: str) -> str:
+    if not value:
+        raise ValueError(f"{what} cannot be empty")
+    if "\x00" in value:
+        raise ValueError(f"{what} cannot contain a NUL byte")
+    if "/" in value:
+        raise ValueError(
+            f"{what} {value!r} contains '/'; ocrd only manages top-level entries of model_dir"
+        )
+    return value
+
+
+def check_name(value: str) -> str:
+    _check_word(value, "a model name")
+    if value in (".", ".."):
+        raise ValueError(f"{value!r} is not a model name")
+    if value.startswith("."):
+        raise ValueError(
+            f"model name {value!r} starts with '.'; dot-entries are always ignored, so it "
+            "could never be checked"
+        )
+    return value
+
+
+def check_glob(value: str) -> str:
+    _check_word(value, "a glob")
+    return value
+
+
+def check_prefix(value: str) -> str:
+    _check_word(value, "a prune prefix")
+    if value.startswith("."):
+        raise ValueError(
+            f"prune prefix {value!r} starts with '.'; dot-entries (ocrd's own among them) "
+            "are never pruned"
+        )
+    return value
+
+
+Prefix = Annotated[str, AfterValidator(check_prefix)]
+Glob = Annotated[str, AfterValidator(check_glob)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class Required(_Strict):
+    """A model that must be present."""
+
+    name: str = Field(description="Entry name in model_dir (no '/').")
+    sha256: str | None = Field(
+        default=None, description="Optional pin: hex sha256 of the file, verified and cached."
+    )
+    source: Path | None = Field(
+        default=None,
+        description="Optional file to restore the model from (relative: to the policy file).",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return check_name(value)
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("expected 64 hex digits (the output of `sha256sum FILE`)")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, value: Path | None) -> Path | None:
+        if value is not None and "\x00" in str(value):
+            raise ValueError("a path cannot contain a NUL byte")
+        return value
+
+
+class Prune(_Strict):
+    """Which stale models go, and how carefully."""
+
+    prefixes: list[Prefix] = Field(
+        default_factory=list, description="Entry names starting with these are pruned."
+    )
+    min_age: Duration = Field(
+        default=600.0, description="Younger entries wait (they may still be written)."
+    )
+    action: Literal["quarantine", "delete"] = Field(
+        default="quarantine", description="quarantine: move to .ocrd-trash/; delete: remove."
+    )
+    max_per_cycle: int = Field(
+        default=50, ge=1, le=10_000_000, description="At most this many prunes per cycle."
+    )
+    max_fraction: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description="Refuse a cycle that would prune more than this share of models.",
+    )
+
+
+class Quarantine(_Strict):
+    retention: Duration = Field(
+        default=7 * 86400.0, description="Quarantined entries older than this are purged."
+    )
+
+
+class EngineSettings(_Strict):
+    backend: Literal["auto", "aspose", "none"] = Field(
+        default="auto", description="auto: aspose where installed, else none."
+    )
+    runtime_dir: Path | None = Field(
+        default=None, description="Optional llama.cpp runtime directory for the engine."
+    )
+    release_timeout: Duration = Field(
+        default=10.0, description="The engine must be released by then, else nothing is deleted."
+    )
+
+    @field_validator("release_timeout")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+
+class Reconcile(_Strict):
+    debounce: Duration = Field(default=2.0, description="Settle time after the last file event.")
+    resync: Duration = Field(default=300.0, description="Full rescan even without events.")
+
+    @field_validator("debounce", "resync")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("must be longer than 0s")
+        return value
+
+
+class Log(_Strict):
+    format: Literal["json", "console"] = Field(default="json", description="json | console.")
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Lowest level written."
+    )
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Policy(_Strict):
+    """The whole policy file. `model_dir` is absolute once config.py has resolved it."""
+
+    model_dir: Path = Field(description="The managed directory (relative: to the policy file).")
+    state_dir: Path | None = Field(
+        default=None,
+        description="Hash cache and engine home; default $STATE_DIRECTORY, "
+        "$XDG_STATE_HOME/ocrd or ~/.local/state/ocrd.",
+    )
+    required: list[Required] = Field(
+        default_factory=list, description="Models that must be present; never pruned."
+    )
+    whitelist: list[Glob] = Field(
+        default_factory=list, description="Globs on entry names that are never touched."
+    )
+    prune: Prune = Field(default_factory=Prune)
+    unmanaged: Literal["report", "prune"] = Field(
+        default="report", description="What to do with entries that match nothing."
+    )
+    suspend: bool = Field(default=False, description="true: report only, change nothing.")
+    ignore: list[Glob] = Field(
+        default_factory=lambda: list(DEFAULT_IGNORE),
+        description="Globs never touched nor listed (dot-entries always are).",
+    )
+    quarantine: Quarantine = Field(default_factory=Quarantine)
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    reconcile: Reconcile = Field(default_factory=Reconcile)
+    log: Log = Field(default_factory=Log)
+
+    @field_validator("model_dir", "state_dir")
+    @classmethod
+    def _path(cls, value: Path | None) -> Path | None:
+        if value is not None and ("\x00" in str(value) or not str(value)):
+            raise ValueError("expected a directory path")
+        return value
+
+    def pins(self) -> dict[str, str]:
+        return {r.name: r.sha256 for r in self.required if r.sha256}
+
+
+Loc = tuple[str | int, ...]
+
+
+def cross_check(policy: Policy) -> list[tuple[Loc, str]]:
+    """Errors that involve more than one key, each with the key path to blame."""
+    found: list[tuple[Loc, str]] = []
+    seen: set[str] = set()
+    for i, item in enumerate(policy.required):
+        if item.name in seen:
+            found.append((("required", i, "name"), f"{item.name!r} is listed twice"))
+        seen.add(item.name)
+        for glob in policy.ignore:
+            if fnmatch.fnmatchcase(item.name, glob):
+                found.append(
+                    (
+                        ("required", i, "name"),
+                        f"{item.name!r} matches ignore glob {glob!r}, so it could never be "
+                        "checked; remove one of them",
+                    )
+                )
+    return found
+
+
+def conflicts(policy: Policy) -> list[str]:
+    """Protections that shadow a prune prefix (protection wins; `ocrd check` warns)."""
+    found = []
+    for prefix in policy.prune.prefixes:
+        for item in policy.required:
+            if item.name.startswith(prefix):
+                found.append(
+                    f"required {item.name!r} starts with prune prefix {prefix!r}; "
+                    "it is protected and never pruned"
+                )
+        for glob in policy.whitelist:
+            if glob.startswith(prefix) or fnmatch.fnmatchcase(prefix, glob):
+                found.append(
+                    f"whitelist {glob!r} overlaps prune prefix {prefix!r}; "
+                    "whitelisted entries are never pruned"
+                )
+    return found

@@ -1,0 +1,166 @@
+"""Plans, classifications and trash as table rows or stable JSON documents.
+
+Pure: the caller passes *now*; printing happens in cli.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from ocrd.model import Class, Classified, Plan, TrashItem
+from ocrd.policy import human_age
+
+SCHEMA = 1
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{int(size)} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns separated by two spaces; numbers stay as given."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def _age(c: Classified, now: float) -> float | None:
+    return None if c.entry is None else max(0.0, now - c.entry.mtime)
+
+
+def models_json(root: str, classified: Sequence[Classified], *, now: float) -> dict[str, Any]:
+    models = []
+    for c in classified:
+        age = _age(c, now)
+        models.append(
+            {
+                "name": c.name,
+                "class": c.cls.value,
+                "rule": c.rule,
+                "kind": c.entry.kind.value if c.entry else None,
+                "size": c.entry.size if c.entry else None,
+                "mtime": iso(c.entry.mtime) if c.entry else None,
+                "age_seconds": None if age is None else round(age, 3),
+                "pin": c.pin.value if c.cls is Class.REQUIRED else None,
+            }
+        )
+    return {"schema": SCHEMA, "model_dir": root, "models": models}
+
+
+def models_table(classified: Sequence[Classified], *, now: float) -> str:
+    rows = []
+    for c in classified:
+        age = _age(c, now)
+        status = c.pin.value if c.cls is Class.REQUIRED else ""
+        rows.append(
+            [
+                c.name,
+                c.cls.value,
+                c.rule,
+                c.entry.kind.value if c.entry else "-",
+                human_bytes(c.entry.size) if c.entry else "-",
+                "-" if age is None else human_age(age),
+                status,
+            ]
+        )
+    return table(["name", "class", "rule", "kind", "size", "age", "pin"], rows)
+
+
+def plan_json(root: str, plan: Plan) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "model_dir": root,
+        "suspended": plan.suspended,
+        "actions": [
+            {
+                "action": a.kind.value,
+                "model": a.name,
+                "reason": a.reason,
+                "rule": a.rule,
+                "bytes": a.bytes,
+                "mode": a.mode or None,
+                "source": a.source,
+                "trash_id": a.trash_id,
+            }
+            for a in plan.actions
+        ],
+        "reports": [
+            {"kind": r.kind.value, "model": r.name, "reason": r.reason} for r in plan.reports
+        ],
+        "errors": list(plan.errors),
+        "bytes_freed": plan.bytes_freed,
+    }
+
+
+def plan_text(plan: Plan) -> str:
+    parts = []
+    if plan.actions:
+        rows = [
+            [
+                a.kind.value + (f" ({a.mode})" if a.mode else ""),
+                a.name,
+                human_bytes(a.bytes) if a.bytes else "-",
+                a.reason,
+            ]
+            for a in plan.actions
+        ]
+        parts.append(table(["action", "model", "bytes", "reason"], rows))
+        parts.append(f"{len(plan.actions)} action(s); {human_bytes(plan.bytes_freed)} freed.")
+    else:
+        parts.append("Nothing to do: the model dir matches the policy.")
+    if plan.reports:
+        rows = [[r.kind.value, r.name, r.reason] for r in plan.reports]
+        parts.append("\n" + table(["report", "model", "reason"], rows))
+    if plan.suspended:
+        parts.append("\nsuspend: true — nothing will be changed until it is set to false.")
+    parts.extend(f"\nerror: {e}" for e in plan.errors)
+    return "\n".join(parts)
+
+
+def trash_json(root: str, items: Sequence[TrashItem], *, now: float) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "model_dir": root,
+        "items": [
+            {
+                "id": t.id,
+                "name": t.name,
+                "trashed_at": iso(t.trashed_at),
+                "age_seconds": round(max(0.0, now - t.trashed_at), 3),
+                "reason": t.reason,
+                "size": t.size,
+                "sha256": t.sha256,
+            }
+            for t in items
+        ],
+    }
+
+
+def trash_table(items: Sequence[TrashItem], *, now: float) -> str:
+    if not items:
+        return "The quarantine is empty."
+    rows = [
+        [
+            t.id,
+            t.name,
+            human_bytes(t.size),
+            human_age(now - t.trashed_at),
+            t.reason,
+        ]
+        for t in items
+    ]
+    return table(["id", "name", "size", "age", "reason"], rows)
