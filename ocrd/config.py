@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -132,6 +133,47 @@ def _env_var(loc: Loc) -> str | None:
         if name in {k.upper() for k in os.environ}:
             return name
     return None
+
+
+NON_POLICY_ENV = frozenset({"OCRD_CONFIG", "OCRD_DEBUG"})
+
+
+def _submodel(annotation: Any) -> Any:
+    """The pydantic model a field holds directly (not in a list), else None."""
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    if typing.get_origin(annotation) is list:
+        return None
+    for arg in typing.get_args(annotation):
+        if hasattr(arg, "model_fields"):
+            return arg
+    return None
+
+
+def _unknown_env(path: Path) -> list[Problem]:
+    """OCRD_* variables that name no policy key: a typo must not be silently ignored."""
+    problems = []
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NON_POLICY_ENV:
+            continue
+        model: Any = Policy
+        for part in upper[len(ENV_PREFIX) :].lower().split("__"):
+            field = None if model is None else model.model_fields.get(part)
+            if field is None:
+                valid = ", ".join(model.model_fields) if model is not None else "none"
+                problems.append(
+                    Problem(
+                        f"{path} (environment {name})",
+                        None,
+                        "",
+                        f"names no policy key (valid at {part!r}: {valid}); unset it or fix "
+                        "the name, e.g. OCRD_PRUNE__MIN_AGE",
+                    )
+                )
+                break
+            model = _submodel(field.annotation)
+    return problems
 
 
 def _valid_keys(loc: Loc) -> str:
@@ -301,6 +343,9 @@ def load_policy(path: Path) -> LoadedPolicy:
         raise PolicyError([Problem(str(path), exc.line, "", f"{exc}. {FIX}")]) from None
     if raw is None:
         raw = {}
+    unknown = _unknown_env(path)
+    if unknown:
+        raise PolicyError(unknown)
     if not isinstance(raw, dict):
         raise PolicyError(
             [

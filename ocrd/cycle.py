@@ -4,7 +4,7 @@ runs it once; the daemon runs it on every trigger."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ocrd import executor
@@ -62,13 +62,14 @@ def run_cycle(
     dry_run: bool = False,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.time,
+    hold: Mapping[str, str] | None = None,
 ) -> CycleResult:
     """One pass; destructive only when not *dry_run* and the policy is not suspended."""
     started = time.monotonic()
     root = str(policy.model_dir)
     recovered = () if dry_run else tuple(executor.recover(root, log))
     snapshot = observe(policy, log=log, progress=progress)
-    plan = reconcile(policy, snapshot, now=clock())
+    plan = reconcile(policy, snapshot, now=clock(), hold=hold)
     for error in plan.errors:
         log.error("plan.refused", error=error)
     for report in plan.reports:

@@ -114,7 +114,7 @@ class ReportKind(str, Enum):
     REFUSED = "refused"  # over max_fraction: no prune this cycle
     SUSPENDED = "suspended"  # suspend: true turned an action into a report
     BUSY = "busy"
-    CONFLICT = "conflict"
+    HELD = "held"  # the daemon holds it back: flapping, or retrying with backoff
 
 
 @dataclass(frozen=True, slots=True)

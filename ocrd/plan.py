@@ -8,7 +8,7 @@ the same plan whatever the order of the snapshot's entries.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from ocrd.model import (
     Action,
@@ -71,12 +71,21 @@ def _corrupt_reason(entry: Entry, pin: str) -> str:
     return f"sha256 {entry.sha256[:12]}… differs from pin {pin[:12]}…"
 
 
-def reconcile(policy: Policy, snapshot: Snapshot, *, now: float) -> Plan:
+def reconcile(
+    policy: Policy,
+    snapshot: Snapshot,
+    *,
+    now: float,
+    hold: Mapping[str, str] | None = None,
+) -> Plan:
     """Actions that bring *snapshot* in line with *policy*, plus reports.
 
     Pure: no I/O, no clock (the caller passes *now*); entries are sorted so
     the result does not depend on their order. executor.apply() carries it out.
+    *hold* maps model names the caller wants left alone this time (flapping,
+    retry backoff) to the reason; they become `held` reports instead of actions.
     """
+    hold = hold or {}
     entries = sorted(snapshot.entries, key=lambda e: e.name)
     classified = [classify(policy, e) for e in entries]
     present = {c.name for c in classified}
@@ -90,7 +99,9 @@ def reconcile(policy: Policy, snapshot: Snapshot, *, now: float) -> Plan:
             continue
         classified.append(Classified(item.name, Class.MISSING, "required"))
         reports.append(Report(ReportKind.MISSING, item.name, "required model is absent"))
-        if item.source is not None:
+        if item.source is not None and item.name in hold:
+            reports.append(Report(ReportKind.HELD, item.name, hold[item.name]))
+        elif item.source is not None:
             actions.append(
                 Action(
                     ActionKind.RESTORE,
@@ -107,7 +118,9 @@ def reconcile(policy: Policy, snapshot: Snapshot, *, now: float) -> Plan:
             item = sources[c.name]
             why = _corrupt_reason(c.entry, item.sha256 or "")
             reports.append(Report(ReportKind.CORRUPT, c.name, why))
-            if item.source is not None:
+            if item.source is not None and c.name in hold:
+                reports.append(Report(ReportKind.HELD, c.name, hold[c.name]))
+            elif item.source is not None:
                 actions.append(
                     Action(
                         ActionKind.RESTORE,
@@ -142,6 +155,9 @@ def reconcile(policy: Policy, snapshot: Snapshot, *, now: float) -> Plan:
                     f"pruned once older than {format_duration(min_age)}",
                 )
             )
+            continue
+        if c.name in hold:
+            reports.append(Report(ReportKind.HELD, c.name, hold[c.name]))
             continue
         due.append((c, c.entry))
 
@@ -207,3 +223,23 @@ def reconcile(policy: Policy, snapshot: Snapshot, *, now: float) -> Plan:
         errors=tuple(errors),
         suspended=policy.suspend,
     )
+
+
+def next_due(policy: Policy, snapshot: Snapshot, *, now: float) -> float | None:
+    """The earliest future time at which the plan changes by time alone, if any.
+
+    A waiting entry reaches min_age, or a quarantine item reaches its retention.
+    The daemon sleeps until then instead of polling.
+    """
+    times: list[float] = []
+    for entry in snapshot.entries:
+        c = classify(policy, entry)
+        if c.cls is Class.PRUNE or (c.cls is Class.UNMANAGED and policy.unmanaged == "prune"):
+            due = entry.mtime + policy.prune.min_age
+            if due > now:
+                times.append(due)
+    for item in snapshot.trash:
+        due = item.trashed_at + policy.quarantine.retention
+        if due > now:
+            times.append(due)
+    return min(times) if times else None

@@ -1,0 +1,75 @@
+"""The daemon's status file: written atomically after every cycle, read by `ocrd status`."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+STATUS_NAME = "status.json"
+RUNTIME_DEFAULT = Path("/run/ocrd")
+
+
+def status_dir(state_dir: Path) -> Path:
+    """$RUNTIME_DIRECTORY (set by systemd) when present, else the state dir."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY")
+    return Path(runtime.split(":")[0]) if runtime else state_dir
+
+
+def candidates(state_dir: Path) -> list[Path]:
+    """Where a daemon may have written its status, most specific first."""
+    found = [status_dir(state_dir) / STATUS_NAME]
+    for path in (RUNTIME_DEFAULT / STATUS_NAME, state_dir / STATUS_NAME):
+        if path not in found:
+            found.append(path)
+    return found
+
+
+def write(path: Path, data: dict[str, Any]) -> str | None:
+    """Replace *path* atomically with *data*; returns an error text instead of raising."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        fd, tmp = tempfile.mkstemp(prefix=".status-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=1)
+                fh.write("\n")
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                Path(tmp).unlink()  # our own temp file, never a model
+            raise
+    except OSError as exc:
+        return f"{path}: {exc.strerror or exc}"
+    return None
+
+
+def read(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest readable status file among the candidates."""
+    best: tuple[float, Path, dict[str, Any]] | None = None
+    for path in candidates(state_dir):
+        try:
+            mtime = path.stat().st_mtime
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict) and (best is None or mtime > best[0]):
+            best = (mtime, path, data)
+    return None if best is None else (best[1], best[2])
+
+
+def pid_alive(pid: Any) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
