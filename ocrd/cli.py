@@ -317,6 +317,47 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
     sys.exit(EXIT_PROBLEMS if failed else EXIT_OK)
 
 
+@cli.command()
+@click.option("--polling", is_flag=True, help="Poll the directories instead of using inotify.")
+@click.pass_obj
+def run(obj: _Context, polling: bool) -> None:
+    """The daemon, in the foreground (systemd runs it). Logs go to stdout."""
+    from ocrd.config import policy_path
+    from ocrd.daemon import Daemon
+
+    sys.exit(Daemon(policy_path(obj.config), force_polling=polling).run())
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status document.")
+@click.pass_obj
+@_run
+def status(obj: _Context, as_json: bool) -> None:
+    """The running daemon's last cycle. Exit 0 healthy, 1 degraded, 3 not running."""
+    from ocrd import status as statusfile
+
+    policy = obj.load().policy
+    assert policy.state_dir is not None
+    found = statusfile.read(policy.state_dir)
+    if found is None:
+        click.echo(
+            f"ocrd: no status file (looked in: "
+            f"{', '.join(map(str, statusfile.candidates(policy.state_dir)))}); "
+            "is the daemon running?",
+            err=True,
+        )
+        sys.exit(EXIT_PENDING)
+    path, doc = found
+    running = doc.get("state") == "running" and statusfile.pid_alive(doc.get("pid"))
+    if as_json:
+        click.echo(json.dumps({**doc, "running": running, "status_file": str(path)}, indent=2))
+    else:
+        click.echo(statusfile.summary(doc, running=running, path=path))
+    if not running:
+        sys.exit(EXIT_PENDING)
+    sys.exit(EXIT_PROBLEMS if doc.get("degraded") else EXIT_OK)
+
+
 def main() -> None:
     try:
         cli.main(prog_name="ocrd", standalone_mode=False)

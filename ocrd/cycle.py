@@ -22,11 +22,14 @@ class CycleResult:
     outcome: Outcome
     recovered: tuple[str, ...]
     duration_ms: float
+    held_back: str | None = None  # why nothing was done (the gate's reason)
 
     @property
     def problems(self) -> list[str]:
         """Why the model dir is not converged after this cycle (empty: all good)."""
         found = list(self.plan.errors)
+        if self.held_back:
+            found.append(self.held_back)
         found += [f"{a.name}: {why}" for a, why in self.outcome.failed]
         found += [f"{a.name}: {why}" for a, why in self.outcome.skipped]
         if self.outcome.engine_error:
@@ -63,12 +66,21 @@ def run_cycle(
     progress: Progress | None = None,
     clock: Callable[[], float] = time.time,
     hold: Mapping[str, str] | None = None,
+    gate: Callable[[Snapshot], str | None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> CycleResult:
-    """One pass; destructive only when not *dry_run* and the policy is not suspended."""
+    """One pass; destructive only when not *dry_run* and the policy is not suspended.
+
+    *gate* looks at the fresh snapshot and may return a reason not to act on it
+    (the daemon's suspicious-view check): the cycle then only reports.
+    *stop* is asked before each action; once it says yes the rest are skipped.
+    """
     started = time.monotonic()
     root = str(policy.model_dir)
-    recovered = () if dry_run else tuple(executor.recover(root, log))
     snapshot = observe(policy, log=log, progress=progress)
+    held_back = gate(snapshot) if gate is not None else None
+    dry_run = dry_run or held_back is not None
+    recovered = () if dry_run else tuple(executor.recover(root, log))
     plan = reconcile(policy, snapshot, now=clock(), hold=hold)
     for error in plan.errors:
         log.error("plan.refused", error=error)
@@ -89,9 +101,14 @@ def run_cycle(
             )
         outcome = Outcome()
     else:
-        outcome = executor.apply(plan, root=root, engine=engine, log=log, clock=clock)
+        outcome = executor.apply(plan, root=root, engine=engine, log=log, clock=clock, stop=stop)
     result = CycleResult(
-        snapshot, plan, outcome, recovered, round((time.monotonic() - started) * 1000, 1)
+        snapshot,
+        plan,
+        outcome,
+        recovered,
+        round((time.monotonic() - started) * 1000, 1),
+        held_back,
     )
     log.info(
         "cycle.finished",

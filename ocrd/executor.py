@@ -381,6 +381,7 @@ def apply(
     log: Log,
     clock: Callable[[], float] = time.time,
     index: IndexFn = build_index,
+    stop: Callable[[], bool] | None = None,
 ) -> Outcome:
     """Run the engine cycle around *plan*'s actions; see the module docstring."""
     root = str(root)
@@ -412,6 +413,15 @@ def apply(
     handle_index = index(devices) if devices else HandleIndex()
 
     for i, action in enumerate(plan.actions):
+        if stop is not None and stop():
+            log.info(
+                "action.skipped",
+                model=action.name,
+                action=action.kind.value,
+                reason="shutting down",
+            )
+            result.skipped.append((action, "shutting down"))
+            continue
         holders = handle_index.who(targets.get(i, set()))
         if holders:
             text = _holders_text(holders)

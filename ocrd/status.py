@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,45 @@ def pid_alive(pid: Any) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _when(ts: Any) -> str:
+    if not isinstance(ts, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def summary(doc: dict[str, Any], *, running: bool, path: Path) -> str:
+    """A few human lines from a status document."""
+    state = "running" if running else "NOT RUNNING (stale status)"
+    if running and doc.get("degraded"):
+        state = "running, DEGRADED"
+    lines = [
+        f"ocrd: {state}, pid {doc.get('pid')}, since {_when(doc.get('started_at'))}",
+        f"model_dir: {doc.get('model_dir')}  (watch: {doc.get('watch')}, "
+        f"engine: {doc.get('engine')})",
+        f"policy: {doc.get('policy', {}).get('path')} sha256 "
+        f"{str(doc.get('policy', {}).get('digest'))[:12]}",
+    ]
+    last = doc.get("last_cycle")
+    if last:
+        lines.append(
+            f"last cycle: {_when(last.get('finished_at'))}, {last.get('duration_ms')} ms, "
+            f"planned {last.get('planned')}, done {last.get('done')}, "
+            f"failed {last.get('failed')}, skipped {last.get('skipped')}"
+        )
+        counts = doc.get("counts", {})
+        lines.append("models: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for key in ("pending", "busy", "waiting", "missing", "corrupt", "held"):
+        for item in doc.get(key, []) or []:
+            lines.append(f"{key}: {item.get('model')} ({item.get('reason')})")
+    handles = doc.get("handles") or {}
+    if handles:
+        lines.append(
+            f"handle check: inspects {handles.get('inspected')} of "
+            f"{handles.get('processes')} processes"
+        )
+    for reason in doc.get("degraded_reasons", []):
+        lines.append(f"degraded: {reason}")
+    lines.append(f"status file: {path}")
+    return "\n".join(lines)

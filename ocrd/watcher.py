@@ -58,13 +58,35 @@ class _ModelEvents(FileSystemEventHandler):
 
 
 class _PolicyEvents(FileSystemEventHandler):
-    """Any change in the policy file's directory: the daemon compares digests."""
+    """Changes to the policy file's own name in its directory, or to what it links
+    through (a Kubernetes ConfigMap swaps a `..data` symlink); the daemon then
+    compares digests, so a spurious wake-up costs one read of the file."""
 
-    def __init__(self, wake: Callable[[], None]) -> None:
+    def __init__(self, policy_file: str, wake: Callable[[], None]) -> None:
         self.wake = wake
+        self.directory = os.path.dirname(policy_file)
+        self.names = {os.path.basename(policy_file)}
+        try:
+            target = os.readlink(policy_file)
+        except OSError:
+            target = ""
+        if target and not os.path.isabs(target):
+            self.names.add(target.split(os.sep, 1)[0])
+
+    def _relevant(self, path: str) -> bool:
+        if os.path.dirname(path) != self.directory:
+            return False
+        name = os.path.basename(path)
+        return name in self.names or name.startswith("..")
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type not in ("opened", "closed_no_write"):
+        if event.event_type in ("opened", "closed_no_write"):
+            return
+        paths = [os.fsdecode(event.src_path)]
+        dest = getattr(event, "dest_path", "")
+        if dest:
+            paths.append(os.fsdecode(dest))
+        if any(self._relevant(p) for p in paths):
             self.wake()
 
 
@@ -94,7 +116,7 @@ class Watcher:
         self._policy_watch: ObservedWatch | None = None
         self.model_dir: str | None = None
         self._model_id: tuple[int, int] | None = None
-        self.policy_dir: str | None = None
+        self.policy_file: str | None = None
 
     def _new_observer(self) -> BaseObserver:
         if self.mode == "polling":
@@ -136,13 +158,15 @@ class Watcher:
     def watch(self, model_dir: Path | None, policy_file: Path) -> str | None:
         """(Re)point the watches; returns an error text when the model dir can't be watched."""
         with self._lock:
-            policy_dir = os.path.dirname(os.path.abspath(policy_file))
-            if self._policy_watch is None or policy_dir != self.policy_dir:
+            policy_path = os.path.abspath(policy_file)
+            policy_dir = os.path.dirname(policy_path)
+            if self._policy_watch is None or policy_path != self.policy_file:
                 if self._policy_watch is not None:
                     self._observer.unschedule(self._policy_watch)
                 try:
-                    self._policy_watch = self._schedule(policy_dir, _PolicyEvents(self._on_policy))
-                    self.policy_dir = policy_dir
+                    handler = _PolicyEvents(policy_path, self._on_policy)
+                    self._policy_watch = self._schedule(policy_dir, handler)
+                    self.policy_file = policy_path
                 except OSError as exc:
                     self._policy_watch = None
                     return f"cannot watch the policy directory {policy_dir}: {exc}"
