@@ -274,13 +274,18 @@ def resolve_model_dir(raw: Path, base: Path) -> Path:
 
 def default_state_dir() -> Path:
     """$STATE_DIRECTORY (systemd), else $XDG_STATE_HOME/ocrd, else ~/.local/state/ocrd."""
+    return _default_state_dir()[0]
+
+
+def _default_state_dir() -> tuple[Path, str]:
+    """The default state dir and where it came from (for error messages)."""
     systemd = os.environ.get("STATE_DIRECTORY")
     if systemd:
-        return Path(systemd.split(":")[0])
+        return Path(systemd.split(":")[0]), "$STATE_DIRECTORY"
     xdg = os.environ.get("XDG_STATE_HOME")
     if xdg:
-        return Path(xdg) / "ocrd"
-    return Path(os.path.expanduser("~")) / ".local" / "state" / "ocrd"
+        return Path(xdg) / "ocrd", "$XDG_STATE_HOME"
+    return Path(os.path.expanduser("~")) / ".local" / "state" / "ocrd", "the home directory"
 
 
 def _resolve(policy: Policy, path: Path, lines: dict[Loc, int]) -> Policy:
@@ -299,18 +304,29 @@ def _resolve(policy: Policy, path: Path, lines: dict[Loc, int]) -> Policy:
         model_dir = resolve_model_dir(policy.model_dir, base)
     except ValueError as exc:
         fail(("model_dir",), str(exc))
-    state_dir = policy.state_dir
-    state_dir = (
-        default_state_dir()
-        if state_dir is None
-        else (state_dir if state_dir.is_absolute() else base / state_dir)
-    )
+    origin = None
+    if policy.state_dir is None:
+        state_dir, origin = _default_state_dir()
+    else:
+        state_dir = policy.state_dir
+        state_dir = state_dir if state_dir.is_absolute() else base / state_dir
     state_dir = Path(os.path.realpath(state_dir))
     if state_dir == model_dir or model_dir in state_dir.parents:
-        fail(
-            ("state_dir",),
-            f"{state_dir} is inside model_dir {model_dir}; keep ocrd's state outside the models",
+        message = (
+            f"{state_dir} is inside model_dir {model_dir}; keep ocrd's state outside the models"
         )
+        if origin is None:
+            fail(("state_dir",), message)
+        else:
+            problems.append(
+                Problem(
+                    str(path),
+                    None,
+                    "state_dir",
+                    f"not set, so it defaults from {origin} to {message}. Set state_dir or "
+                    f"change {origin}.",
+                )
+            )
     required = []
     for item in policy.required:
         if item.source is not None and not item.source.is_absolute():

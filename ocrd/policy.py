@@ -32,7 +32,9 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
     else:
         raise ValueError(f"expected a duration like '10m' or '2h', got {type(value).__name__}")
-    if seconds != seconds or seconds < 0:  # NaN or negative
+    if seconds != seconds:  # NaN
+        raise ValueError(f"expected a duration like '10m' or '2h', got {value!r}")
+    if seconds < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     if seconds > MAX_DURATION:
         raise ValueError(f"duration {value!r} is longer than ten years; use something like '7d'")
@@ -248,11 +250,11 @@ class Policy(_Strict):
     reconcile: Reconcile = Field(default_factory=Reconcile)
     log: Log = Field(default_factory=Log)
 
-    @field_validator("model_dir", "state_dir")
+    @field_validator("model_dir", "state_dir", mode="before")
     @classmethod
-    def _path(cls, value: Path | None) -> Path | None:
-        if value is not None and ("\x00" in str(value) or not str(value)):
-            raise ValueError("expected a directory path")
+    def _path(cls, value: Any) -> Any:
+        if isinstance(value, str | Path) and (not str(value).strip() or "\x00" in str(value)):
+            raise ValueError("expected a directory path, e.g. /var/lib/ocrd/models")
         return value
 
     def pins(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 MAX_BYTES = 1024 * 1024
+MAX_DEPTH = 32
 Loc = tuple[str | int, ...]
 
 
@@ -45,7 +46,16 @@ class _Loader(yaml.SafeLoader):
         tag = getattr(event, "tag", None)
         if tag is not None and tag != "!":
             raise YamlError(f"YAML tag {tag!r} is not allowed in a policy; remove it", _line(event))
-        return super().compose_node(parent, index)
+        self._depth = getattr(self, "_depth", 0) + 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise YamlError(
+                    f"nested more than {MAX_DEPTH} levels deep; a policy is a few levels at most",
+                    _line(event),
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 def _build(node: yaml.Node, loader: _Loader, loc: Loc, lines: dict[Loc, int]) -> Any:
