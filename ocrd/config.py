@@ -222,6 +222,19 @@ def _read(path: Path) -> bytes:
     try:
         with open(path, "rb") as fh:
             data = fh.read(yamlsafe.MAX_BYTES + 1)
+            if len(data) > yamlsafe.MAX_BYTES:
+                size = os.fstat(fh.fileno()).st_size
+                raise PolicyError(
+                    [
+                        Problem(
+                            str(path),
+                            None,
+                            "",
+                            f"file is {size} bytes; a policy may be at most "
+                            f"{yamlsafe.MAX_BYTES} bytes (1 MiB). Is this the right file?",
+                        )
+                    ]
+                )
     except FileNotFoundError:
         raise PolicyError(
             [

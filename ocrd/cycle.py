@@ -89,6 +89,8 @@ def run_cycle(
             log.warning("model.missing", model=report.name, reason=report.reason)
         elif report.kind is ReportKind.CORRUPT:
             log.warning("model.corrupt", model=report.name, reason=report.reason)
+        elif report.kind is ReportKind.SUSPENDED:
+            log.info("action.planned", model=report.name, reason=report.reason, suspended=True)
     if dry_run:
         for action in plan.actions:
             log.info(
