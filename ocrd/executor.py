@@ -101,6 +101,10 @@ def check_unchanged(root: str, entry: Entry) -> None:
         raise Changed("modified since the scan")
     if entry.kind is Kind.FILE and st.st_size != entry.size:
         raise Changed("size changed since the scan")
+    if entry.kind is Kind.DIR:
+        size, newest = snap.tree_stats(path)
+        if size != entry.size or newest != entry.mtime:
+            raise Changed("modified since the scan")
 
 
 def quarantine(

@@ -1,0 +1,340 @@
+"""snapshot.scan, the hash cache and read_trash against real directories."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import make_model
+
+from ocrd import snapshot
+from ocrd.errors import ModelDirError
+from ocrd.model import Kind
+from ocrd.snapshot import HashCache
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path snapshot.scan hashes, in order (the real hash still runs)."""
+    calls: list[str] = []
+    real: Callable[..., str] = snapshot.sha256_file
+
+    def counting(path: str, **kwargs: Any) -> str:
+        calls.append(os.path.basename(path))
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(snapshot, "sha256_file", counting)
+    return calls
+
+
+def test_kinds_of_entries(root: Path, tmp_path: Path) -> None:
+    """Files, directories, symlinks (never followed) and fifos get their own kinds."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    big = outside / "big.bin"
+    big.write_bytes(b"x" * 50_000)
+    (outside / "tree").mkdir()
+    (outside / "tree" / "data.bin").write_bytes(b"y" * 70_000)
+    make_model(root, "file.bin", b"12345")
+    (root / "dir").mkdir()
+    (root / "link_file").symlink_to(big)
+    (root / "link_dir").symlink_to(outside / "tree")
+    os.mkfifo(root / "pipe")
+
+    entries = snapshot.scan(root).by_name()
+
+    assert {name: e.kind for name, e in entries.items()} == {
+        "file.bin": Kind.FILE,
+        "dir": Kind.DIR,
+        "link_file": Kind.SYMLINK,
+        "link_dir": Kind.SYMLINK,
+        "pipe": Kind.OTHER,
+    }
+    assert entries["file.bin"].size == 5
+    # a link is sized and identified as the link itself, never as its target
+    assert entries["link_file"].size == len(str(big))
+    assert entries["link_file"].inode == os.lstat(root / "link_file").st_ino
+    assert entries["link_dir"].size == len(str(outside / "tree"))
+    assert entries["link_dir"].inode != os.stat(outside / "tree").st_ino
+
+
+def test_scan_is_sorted_and_identifies_entries(root: Path) -> None:
+    """Entries come sorted by name with the inode, device and mtime_ns lstat gives."""
+    for name in ("b.bin", "a.bin", "c.bin"):
+        make_model(root, name)
+    snap = snapshot.scan(root)
+    assert [e.name for e in snap.entries] == ["a.bin", "b.bin", "c.bin"]
+    st = os.lstat(root / "b.bin")
+    entry = snap.by_name()["b.bin"]
+    assert (entry.inode, entry.device, entry.mtime_ns) == (st.st_ino, st.st_dev, st.st_mtime_ns)
+    assert snap.device == os.stat(root).st_dev
+    assert snap.root == str(root)
+
+
+def test_directory_size_and_newest_mtime(root: Path) -> None:
+    """A directory model's size is the sum of its contents and its mtime the newest inside."""
+    model = root / "Qwen-GGUF"
+    (model / "sub" / "deeper").mkdir(parents=True)
+    (model / "a.gguf").write_bytes(b"a" * 1000)
+    (model / "sub" / "b.bin").write_bytes(b"b" * 300)
+    (model / "sub" / "deeper" / "c.bin").write_bytes(b"c" * 7)
+    base = time.time() - 10_000
+    newest = base + 5_000
+    for path in (
+        model / "a.gguf",
+        model / "sub" / "b.bin",
+        model / "sub" / "deeper",
+        model / "sub",
+        model,
+    ):
+        os.utime(path, (base, base))
+    os.utime(model / "sub" / "deeper" / "c.bin", (newest, newest))
+
+    entry = snapshot.scan(root).by_name()["Qwen-GGUF"]
+
+    assert entry.kind is Kind.DIR
+    assert entry.size == 1000 + 300 + 7
+    assert entry.mtime == pytest.approx(newest, abs=1e-3)
+    assert entry.mtime_ns == os.lstat(model).st_mtime_ns  # the entry's own, for re-stat
+
+
+def test_directory_with_symlink_inside_is_not_followed(root: Path, tmp_path: Path) -> None:
+    """A symlink inside a directory model counts as the link, not as what it points to."""
+    target = tmp_path / "huge.bin"
+    target.write_bytes(b"z" * 100_000)
+    (root / "model").mkdir()
+    (root / "model" / "w.bin").write_bytes(b"w" * 10)
+    (root / "model" / "link").symlink_to(target)
+    entry = snapshot.scan(root).by_name()["model"]
+    assert entry.size == 10 + len(str(target))
+
+
+def test_dot_entries_are_in_the_snapshot(root: Path) -> None:
+    """Dot-entries, ocrd's own among them, are observed; only classification ignores them."""
+    make_model(root, ".hidden.bin")
+    (root / ".ocrd-trash").mkdir()
+    make_model(root, ".ocrd-tmp-0123")
+    make_model(root, "model.bin")
+    names = [e.name for e in snapshot.scan(root).entries]
+    assert names == [".hidden.bin", ".ocrd-tmp-0123", ".ocrd-trash", "model.bin"]
+
+
+def test_only_pinned_files_are_hashed(root: Path, hash_calls: list[str]) -> None:
+    """Files named in the pins get their real sha256; the rest are never read."""
+    make_model(root, "pinned.bin", b"pinned bytes")
+    make_model(root, "wrong_pin.bin", b"other bytes")
+    make_model(root, "free.bin", b"not pinned")
+    (root / "pinned_dir").mkdir()
+    pins = {
+        "pinned.bin": sha(b"pinned bytes"),
+        "wrong_pin.bin": "0" * 64,
+        "pinned_dir": "1" * 64,
+    }
+    entries = snapshot.scan(root, pins=pins).by_name()
+    assert entries["pinned.bin"].sha256 == sha(b"pinned bytes")
+    assert entries["wrong_pin.bin"].sha256 == sha(b"other bytes")  # the real one, not the pin
+    assert entries["free.bin"].sha256 is None
+    assert entries["pinned_dir"].sha256 is None
+    assert sorted(hash_calls) == ["pinned.bin", "wrong_pin.bin"]
+
+
+def test_pinned_symlink_is_not_hashed_through(root: Path, tmp_path: Path) -> None:
+    """A pinned name that is a symlink is never hashed through the link."""
+    target = tmp_path / "target.bin"
+    target.write_bytes(b"data")
+    (root / "m.bin").symlink_to(target)
+    entry = snapshot.scan(root, pins={"m.bin": sha(b"data")}).by_name()["m.bin"]
+    assert entry.kind is Kind.SYMLINK
+    assert entry.sha256 is None
+
+
+def test_hash_cache_avoids_rereading_unchanged_file(
+    root: Path, tmp_path: Path, hash_calls: list[str]
+) -> None:
+    """A second scan of an unchanged pinned file takes the sha256 from the saved cache."""
+    state = tmp_path / "state"
+    make_model(root, "big.bin", b"B" * 10_000)
+    pins = {"big.bin": sha(b"B" * 10_000)}
+
+    first = HashCache(state)
+    snap1 = snapshot.scan(root, pins=pins, cache=first)
+    assert first.save() is None
+    assert hash_calls == ["big.bin"]
+
+    second = HashCache(state)  # a fresh process would load it like this
+    snap2 = snapshot.scan(root, pins=pins, cache=second)
+    assert hash_calls == ["big.bin"]
+    assert snap2.by_name()["big.bin"].sha256 == snap1.by_name()["big.bin"].sha256 == pins["big.bin"]
+    assert second.save() is None
+
+
+def test_touched_file_is_rehashed(root: Path, tmp_path: Path, hash_calls: list[str]) -> None:
+    """Changing a pinned file's mtime (or content) invalidates its cached sha256."""
+    state = tmp_path / "state"
+    path = make_model(root, "m.bin", b"version 1")
+    pins = {"m.bin": sha(b"version 1")}
+    cache = HashCache(state)
+    snapshot.scan(root, pins=pins, cache=cache)
+    assert cache.save() is None
+
+    later = time.time() + 100
+    os.utime(path, (later, later))
+    entry = snapshot.scan(root, pins=pins, cache=HashCache(state)).by_name()["m.bin"]
+    assert hash_calls == ["m.bin", "m.bin"]
+    assert entry.sha256 == sha(b"version 1")
+
+    path.write_bytes(b"version 2")
+    cache = HashCache(state)
+    entry = snapshot.scan(root, pins=pins, cache=cache).by_name()["m.bin"]
+    assert hash_calls == ["m.bin", "m.bin", "m.bin"]
+    assert entry.sha256 == sha(b"version 2")
+
+
+def test_cache_file_lives_in_state_dir(root: Path, tmp_path: Path) -> None:
+    """The hash cache is written to the state dir and never into the model dir."""
+    state = tmp_path / "state" / "nested"
+    make_model(root, "m.bin", b"abc")
+    before = sorted(os.listdir(root))
+    cache = HashCache(state)
+    snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache)
+    assert cache.save() is None
+    assert sorted(os.listdir(root)) == before
+    saved = json.loads((state / snapshot.CACHE_FILE).read_text(encoding="utf-8"))
+    assert saved["version"] == 1
+    assert list(saved["hashes"].values()) == [sha(b"abc")]
+    assert [p.name for p in state.iterdir()] == [snapshot.CACHE_FILE]  # no temp file left
+
+
+def test_cache_drops_entries_no_longer_seen(root: Path, tmp_path: Path) -> None:
+    """Entries for files that were not seen in the last scan are not kept on save."""
+    state = tmp_path / "state"
+    make_model(root, "a.bin", b"a")
+    b = make_model(root, "b.bin", b"b")
+    pins = {"a.bin": sha(b"a"), "b.bin": sha(b"b")}
+    cache = HashCache(state)
+    snapshot.scan(root, pins=pins, cache=cache)
+    assert cache.save() is None
+    b.rename(root.parent / "b.bin")
+    cache = HashCache(state)
+    snapshot.scan(root, pins=pins, cache=cache)
+    assert cache.save() is None
+    saved = json.loads((state / snapshot.CACHE_FILE).read_text(encoding="utf-8"))
+    assert list(saved["hashes"].values()) == [sha(b"a")]
+
+
+def test_corrupt_cache_file_is_ignored(root: Path, tmp_path: Path, hash_calls: list[str]) -> None:
+    """A cache file that is not valid JSON is treated as empty, and the file is re-hashed."""
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / snapshot.CACHE_FILE).write_text("{not json", encoding="utf-8")
+    make_model(root, "m.bin", b"abc")
+    cache = HashCache(state)
+    entry = snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache).by_name()["m.bin"]
+    assert entry.sha256 == sha(b"abc")
+    assert hash_calls == ["m.bin"]
+    assert cache.save() is None
+    assert json.loads((state / snapshot.CACHE_FILE).read_text(encoding="utf-8"))["version"] == 1
+
+
+@pytest.mark.parametrize("how", ["state dir is a file", "state dir under a file"])
+def test_unusable_state_dir_save_returns_error(root: Path, tmp_path: Path, how: str) -> None:
+    """save() into a state dir that cannot be created returns an error text instead of raising."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a regular file", encoding="utf-8")
+    state = blocker if how == "state dir is a file" else blocker / "state"
+    make_model(root, "m.bin", b"abc")
+    cache = HashCache(state)
+    entry = snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache).by_name()["m.bin"]
+    assert entry.sha256 == sha(b"abc")
+    error = cache.save()
+    assert isinstance(error, str)
+    assert str(state / snapshot.CACHE_FILE) in error
+    assert blocker.read_text(encoding="utf-8") == "a regular file"
+
+
+def test_no_state_dir_means_no_cache_file(root: Path) -> None:
+    """A cache without a state dir saves nothing and reports no error."""
+    make_model(root, "m.bin", b"abc")
+    cache = HashCache(None)
+    snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache)
+    assert cache.save() is None
+    assert sorted(os.listdir(root)) == ["m.bin"]
+
+
+def _item(trash: Path, item_id: str, record: dict[str, Any] | str | None, payload: str | None):
+    item = trash / item_id
+    item.mkdir(parents=True)
+    if record is not None:
+        text = record if isinstance(record, str) else json.dumps(record)
+        (item / snapshot.RECORD).write_text(text, encoding="utf-8")
+    if payload is not None:
+        (item / payload).write_bytes(b"payload")
+    return item
+
+
+def _record(name: str, at: float) -> dict[str, Any]:
+    return {"name": name, "trashed_at": at, "reason": "test", "size": 7, "sha256": None}
+
+
+def test_read_trash_lists_only_complete_items(root: Path) -> None:
+    """Only trash items with both a readable record and their payload are listed."""
+    trash = root / snapshot.TRASH
+    now = time.time()
+    _item(trash, "20240101T000000Z-aaaa", _record("a.bin", now - 20), "a.bin")
+    _item(trash, "20240101T000000Z-bbbb", _record("b.bin", now - 10), "b.bin")
+    _item(trash, "no-payload", _record("c.bin", now), None)
+    _item(trash, "no-record", None, "d.bin")
+    _item(trash, "wrong-payload", _record("e.bin", now), "other.bin")
+    _item(trash, "bad-json", "{oops", "f.bin")
+    _item(trash, "missing-keys", {"name": "g.bin"}, "g.bin")
+    _item(trash, ".hidden", _record("h.bin", now), "h.bin")
+    _item(trash, "empty", None, None)
+    (trash / "stray-file").write_text("x", encoding="utf-8")
+
+    items = snapshot.read_trash(str(root))
+
+    assert [(i.id, i.name) for i in items] == [
+        ("20240101T000000Z-aaaa", "a.bin"),
+        ("20240101T000000Z-bbbb", "b.bin"),
+    ]
+    assert items[0].size == 7
+    assert items[0].trashed_at == pytest.approx(now - 20)
+    assert items[0].reason == "test"
+    assert snapshot.scan(root).trash == items
+
+
+def test_read_trash_without_trash_dir(root: Path) -> None:
+    """A model dir without a trash dir, or with a file in its place, has no trash items."""
+    assert snapshot.read_trash(str(root)) == ()
+    (root / snapshot.TRASH).write_text("not a dir", encoding="utf-8")
+    assert snapshot.read_trash(str(root)) == ()
+
+
+def test_scan_missing_dir_raises(tmp_path: Path) -> None:
+    """Scanning a model dir that does not exist raises ModelDirError."""
+    with pytest.raises(ModelDirError, match=r"does not exist"):
+        snapshot.scan(tmp_path / "nope")
+
+
+def test_scan_file_raises(tmp_path: Path) -> None:
+    """Scanning a path that is a regular file raises ModelDirError."""
+    path = make_model(tmp_path, "afile")
+    with pytest.raises(ModelDirError, match=r"not a directory"):
+        snapshot.scan(path)
