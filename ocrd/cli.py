@@ -77,6 +77,24 @@ def _run(fn: Any) -> Any:
     return wrapper
 
 
+def _set_config(ctx: click.Context, _: click.Parameter, value: str | None) -> None:
+    if value:
+        ctx.ensure_object(_Context).config = value
+
+
+def _config_option(fn: Any) -> Any:
+    """`--config` is accepted after the subcommand too (`ocrd run --config PATH`)."""
+    return click.option(
+        "--config",
+        "-c",
+        metavar="PATH",
+        expose_value=False,
+        is_eager=True,
+        callback=_set_config,
+        help="Policy file (same as the option before the command).",
+    )(fn)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
@@ -93,6 +111,7 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 
 @cli.command()
+@_config_option
 @click.pass_obj
 @_run
 def check(obj: _Context) -> None:
@@ -110,6 +129,7 @@ def check(obj: _Context) -> None:
 
 
 @cli.command("list")
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--all", "show_all", is_flag=True, help="Include ignored entries.")
 @click.pass_obj
@@ -135,6 +155,7 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
 
 
 @cli.command()
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.option("--exit-code", is_flag=True, help="Exit 3 when changes are pending, 0 when none.")
 @click.pass_obj
@@ -158,6 +179,7 @@ def plan(obj: _Context, as_json: bool, exit_code: bool) -> None:
 
 
 @cli.command()
+@_config_option
 @click.option("--dry-run", is_flag=True, help="Log what would be done; change nothing.")
 @click.pass_obj
 @_run
@@ -205,6 +227,7 @@ def trash() -> None:
 
 
 @trash.command("list")
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 @click.pass_obj
 @_run
@@ -224,6 +247,7 @@ def trash_list(obj: _Context, as_json: bool) -> None:
 
 
 @trash.command("restore")
+@_config_option
 @click.argument("name")
 @click.option("--as", "as_name", metavar="NEW", help="Restore under another name.")
 @click.pass_obj
@@ -281,6 +305,7 @@ def _warn_if_pruned_again(policy: Any, name: str) -> None:
 
 
 @trash.command("purge")
+@_config_option
 @click.option("--all", "purge_all", is_flag=True, help="Purge every item, not only expired ones.")
 @click.pass_obj
 @_run
@@ -318,6 +343,7 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
 
 
 @cli.command()
+@_config_option
 @click.option("--polling", is_flag=True, help="Poll the directories instead of using inotify.")
 @click.pass_obj
 def run(obj: _Context, polling: bool) -> None:
@@ -329,6 +355,7 @@ def run(obj: _Context, polling: bool) -> None:
 
 
 @cli.command()
+@_config_option
 @click.option("--json", "as_json", is_flag=True, help="Print the status document.")
 @click.pass_obj
 @_run

@@ -384,7 +384,7 @@ def apply(
     engine: Engine,
     log: Log,
     clock: Callable[[], float] = time.time,
-    index: IndexFn = build_index,
+    index: IndexFn | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> Outcome:
     """Run the engine cycle around *plan*'s actions; see the module docstring."""
@@ -404,17 +404,20 @@ def apply(
         return result.outcome(engine_error=f"release failed: {exc}")
     released_ms = round((time.monotonic() - started) * 1000, 1)
 
-    targets: dict[int, set[tuple[int, int]]] = {}
+    targets: dict[int, tuple[set[tuple[int, int]], set[str]]] = {}
     for i, action in enumerate(plan.actions):
         path = _target_path(root, action)
         if path is None:
             continue
         try:
-            targets[i] = snap.tree_inodes(path)
+            targets[i] = snap.tree_members(path)
         except FileNotFoundError:
-            targets[i] = set()
-    devices = {dev for keys in targets.values() for dev, _ in keys}
-    handle_index = index(devices) if devices else HandleIndex()
+            targets[i] = (set(), set())
+    devices = {dev for keys, _ in targets.values() for dev, _ in keys}
+    if index is None:
+        handle_index = build_index(devices, roots=(root,)) if devices else HandleIndex()
+    else:
+        handle_index = index(devices) if devices else HandleIndex()
 
     for i, action in enumerate(plan.actions):
         if stop is not None and stop():
@@ -426,7 +429,8 @@ def apply(
             )
             result.skipped.append((action, "shutting down"))
             continue
-        holders = handle_index.who(targets.get(i, set()))
+        keys, paths = targets.get(i, (set(), set()))
+        holders = handle_index.who(keys, paths)
         if holders:
             text = _holders_text(holders)
             log.warning(

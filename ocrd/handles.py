@@ -9,6 +9,7 @@ cannot inspect are counted so the gap is visible.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PROC = "/proc"
@@ -26,21 +27,32 @@ class HandleIndex:
     """(device, inode) -> the processes holding it; plus how much we could see."""
 
     holders: dict[tuple[int, int], list[Holder]] = field(default_factory=dict)
+    # Mappings by path, for files under the watched roots: on overlayfs
+    # /proc/PID/maps shows the lower layer's device, not the one stat() sees.
+    paths: dict[str, list[Holder]] = field(default_factory=dict)
     inspected: int = 0
     total: int = 0
 
     def add(self, key: tuple[int, int], holder: Holder) -> None:
-        found = self.holders.setdefault(key, [])
-        if all(h.pid != holder.pid or h.how != holder.how for h in found):
-            found.append(holder)
+        _add(self.holders.setdefault(key, []), holder)
 
-    def who(self, keys: set[tuple[int, int]]) -> list[Holder]:
-        """Holders of any of *keys*, each process once."""
+    def add_path(self, path: str, holder: Holder) -> None:
+        _add(self.paths.setdefault(path, []), holder)
+
+    def who(self, keys: set[tuple[int, int]], paths: Iterable[str] = ()) -> list[Holder]:
+        """Holders of any of *keys* or *paths*, each process once."""
         out: dict[tuple[int, str], Holder] = {}
-        for key in keys:
-            for holder in self.holders.get(key, ()):
+        found = [self.holders.get(key, []) for key in keys]
+        found += [self.paths.get(path, []) for path in paths]
+        for holders in found:
+            for holder in holders:
                 out.setdefault((holder.pid, holder.how), holder)
         return sorted(out.values(), key=lambda h: (h.pid, h.how))
+
+
+def _add(found: list[Holder], holder: Holder) -> None:
+    if all(h.pid != holder.pid or h.how != holder.how for h in found):
+        found.append(holder)
 
 
 def _comm(pid_dir: str) -> str:
@@ -65,11 +77,13 @@ def _scan_fds(pid_dir: str, devices: set[int] | None) -> list[tuple[int, int]]:
     return found
 
 
-def _scan_maps(pid_dir: str, devices: set[int] | None) -> list[tuple[int, int]]:
-    found = []
+def _scan_maps(
+    pid_dir: str, devices: set[int] | None, roots: tuple[str, ...]
+) -> tuple[list[tuple[int, int]], list[str]]:
+    keys, paths = [], []
     with open(os.path.join(pid_dir, "maps"), encoding="utf-8", errors="replace") as fh:
         for line in fh:
-            parts = line.split(None, 5)
+            parts = line.rstrip("\n").split(None, 5)
             if len(parts) < 5 or parts[4] == "0":
                 continue
             major, _, minor = parts[3].partition(":")
@@ -79,12 +93,22 @@ def _scan_maps(pid_dir: str, devices: set[int] | None) -> list[tuple[int, int]]:
             except ValueError:
                 continue
             if devices is None or dev in devices:
-                found.append((dev, ino))
-    return found
+                keys.append((dev, ino))
+            if roots and len(parts) == 6:
+                path = parts[5].strip()
+                if path.endswith(" (deleted)"):
+                    path = path[: -len(" (deleted)")]
+                if path.startswith(roots):
+                    paths.append(path)
+    return keys, paths
 
 
-def build_index(devices: set[int] | None = None, *, proc: str = PROC) -> HandleIndex:
-    """One pass over every process: descriptors and memory maps on *devices*."""
+def build_index(
+    devices: set[int] | None = None, *, proc: str = PROC, roots: Iterable[str] = ()
+) -> HandleIndex:
+    """One pass over every process: descriptors and memory maps on *devices*,
+    plus mappings of files below *roots* by path (whatever device maps shows)."""
+    prefixes = tuple(os.path.join(str(r), "") for r in roots)
     index = HandleIndex()
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
@@ -95,7 +119,7 @@ def build_index(devices: set[int] | None = None, *, proc: str = PROC) -> HandleI
         index.total += 1
         try:
             fds = _scan_fds(pid_dir, devices)
-            maps = _scan_maps(pid_dir, devices)
+            maps, mapped_paths = _scan_maps(pid_dir, devices, prefixes)
         except FileNotFoundError:
             index.total -= 1  # exited while we looked
             continue
@@ -108,6 +132,8 @@ def build_index(devices: set[int] | None = None, *, proc: str = PROC) -> HandleI
             index.add(key, Holder(pid, name, "fd"))
         for key in maps:
             index.add(key, Holder(pid, name, "mmap"))
+        for path in mapped_paths:
+            index.add_path(path, Holder(pid, name, "mmap"))
     return index
 
 

@@ -62,12 +62,12 @@ def tree_stats(path: str) -> tuple[int, float]:
     return total, newest
 
 
-def tree_inodes(path: str) -> set[tuple[int, int]]:
-    """Every (device, inode) at or below *path*, symlinks not followed."""
+def tree_members(path: str) -> tuple[set[tuple[int, int]], set[str]]:
+    """Every (device, inode) and path at or below *path*, symlinks not followed."""
     top = os.lstat(path)
-    found = {(top.st_dev, top.st_ino)}
+    keys, paths = {(top.st_dev, top.st_ino)}, {path}
     if not stat.S_ISDIR(top.st_mode):
-        return found
+        return keys, paths
     stack = [path]
     while stack:
         current = stack.pop()
@@ -78,12 +78,18 @@ def tree_inodes(path: str) -> set[tuple[int, int]]:
                         st = child.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    found.add((st.st_dev, st.st_ino))
+                    keys.add((st.st_dev, st.st_ino))
+                    paths.add(child.path)
                     if stat.S_ISDIR(st.st_mode):
                         stack.append(child.path)
         except (FileNotFoundError, NotADirectoryError):
             continue
-    return found
+    return keys, paths
+
+
+def tree_inodes(path: str) -> set[tuple[int, int]]:
+    """Every (device, inode) at or below *path*, symlinks not followed."""
+    return tree_members(path)[0]
 
 
 def sha256_file(path: str, *, name: str = "", progress: Progress | None = None) -> str:
