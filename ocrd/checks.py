@@ -6,9 +6,9 @@ import os
 import stat
 
 from ocrd.config import LoadedPolicy
-from ocrd.engine import EngineError, make_engine
+from ocrd.engine import EngineError, NoEngine, make_engine
 from ocrd.handles import build_index
-from ocrd.policy import conflicts
+from ocrd.policy import Policy, conflicts
 from ocrd.snapshot import TRASH
 
 Finding = tuple[str, str]  # (ok | warning | error, text)
@@ -56,6 +56,38 @@ def _dir_findings(label: str, path: str, *, must_exist: bool) -> list[Finding]:
     return found
 
 
+def _engine_findings(policy: Policy) -> list[Finding]:
+    """Create the engine, and for a real one start its host once and ask where it looks."""
+    try:
+        engine, fallback = make_engine(policy)
+    except EngineError as exc:
+        return [("error", str(exc))]
+    if fallback:
+        return [("warning", fallback)]
+    if isinstance(engine, NoEngine):
+        return [("ok", "engine backend 'none' loads")]
+    if not policy.model_dir.is_dir():
+        return [("warning", "engine not started: model_dir does not exist")]
+    try:
+        engine.open(policy.model_dir)
+        where = engine.local_path()
+        seen = engine.list_local()
+    except EngineError as exc:
+        return [("error", f"engine backend {engine.name!r} does not start: {exc}")]
+    finally:
+        try:
+            engine.release()
+        except EngineError as exc:
+            return [("error", f"engine backend {engine.name!r} could not be released: {exc}")]
+    return [
+        (
+            "ok",
+            f"engine backend {engine.name!r} starts; it looks for models in {where} "
+            f"and lists {len(seen)} of them",
+        )
+    ]
+
+
 def run_checks(loaded: LoadedPolicy) -> list[Finding]:
     policy = loaded.policy
     root = str(policy.model_dir)
@@ -91,16 +123,7 @@ def run_checks(loaded: LoadedPolicy) -> list[Finding]:
                     f"required {item.name!r}: source {item.source} is not readable by this user",
                 )
             )
-    try:
-        _, fallback = make_engine(policy.engine.backend)
-    except EngineError as exc:
-        found.append(("error", str(exc)))
-    else:
-        found.append(
-            ("warning", fallback)
-            if fallback
-            else ("ok", f"engine backend {policy.engine.backend!r} loads")
-        )
+    found += _engine_findings(policy)
     index = build_index(set())
     if index.inspected < index.total:
         found.append(

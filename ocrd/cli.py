@@ -146,10 +146,16 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
     now = time.time()
     plan = reconcile(policy, snapshot, now=now)
     shown = [c for c in plan.classified if show_all or c.cls is not Class.IGNORED]
+    held = _deleted_held(str(policy.model_dir))
+    pinned = sum({r["path"]: r["bytes"] for r in held}.values())
     if as_json:
-        click.echo(json.dumps(render.models_json(str(policy.model_dir), shown, now=now), indent=2))
+        doc = render.models_json(str(policy.model_dir), shown, now=now)
+        doc.update(deleted_held=held, pinned_bytes=pinned)
+        click.echo(json.dumps(doc, indent=2))
     else:
         click.echo(render.models_table(shown, now=now) if shown else "The model dir is empty.")
+        if held:
+            click.echo("\n" + render.deleted_table(held, pinned))
     bad = any(c.cls is Class.MISSING or c.pin is Pin.CORRUPT for c in plan.classified)
     sys.exit(EXIT_PROBLEMS if bad else EXIT_OK)
 
@@ -194,7 +200,7 @@ def apply(obj: _Context, dry_run: bool) -> None:
     policy = loaded.policy
     logger = log.get()
     try:
-        engine, warning = make_engine(policy.engine.backend)
+        engine, warning = make_engine(policy, log=logger)
     except EngineError as exc:
         logger.error("engine.unavailable", error=str(exc))
         sys.exit(EXIT_PROBLEMS)
@@ -210,6 +216,15 @@ def apply(obj: _Context, dry_run: bool) -> None:
             finally:
                 engine.release()
     sys.exit(EXIT_PROBLEMS if result.problems else EXIT_OK)
+
+
+def _deleted_held(root: str) -> list[dict[str, Any]]:
+    from ocrd.handles import deleted_held
+
+    return [
+        {"path": r.path, "pid": r.pid, "process": r.name, "how": r.how, "bytes": r.bytes}
+        for r in deleted_held(root)
+    ]
 
 
 def _require_dir(path: Path) -> None:

@@ -26,7 +26,7 @@ from ocrd.config import LoadedPolicy, load_policy
 from ocrd.cycle import CycleResult, run_cycle
 from ocrd.engine import Engine, EngineError, make_engine
 from ocrd.errors import LockedError, ModelDirError, PolicyError
-from ocrd.handles import visibility
+from ocrd.handles import DeletedHeld, deleted_held, pinned_bytes, visibility
 from ocrd.lock import DirLock
 from ocrd.model import ActionKind, Class, ReportKind, Snapshot
 from ocrd.plan import next_due
@@ -40,6 +40,7 @@ FLAP_ROUNDS = 3  # prunes of one name within FLAP_WINDOW before ocrd stops fight
 FLAP_WINDOW = 3600.0
 MAX_ERRORS = 20
 MIN_SLEEP = 0.05
+ENGINE_CHECK = 30.0  # seconds between checks that the engine host is still alive
 
 
 @dataclass(slots=True)
@@ -67,6 +68,7 @@ class _State:
     suspicious: str | None = None
     cycle_failures: int = 0
     loaded_at: float = field(default_factory=time.time)
+    deleted_held: list[DeletedHeld] = field(default_factory=list)
 
 
 class Daemon:
@@ -99,6 +101,8 @@ class Daemon:
         self._lock: DirLock | None = None
         self._locked_dir: Path | None = None
         self._dir_retry = 0
+        self._engine_failures = 0
+        self._engine_retry_at: float | None = None
         self.state = _State()
         self._visibility: tuple[int, int] | None = None
         self.loaded: LoadedPolicy
@@ -168,7 +172,7 @@ class Daemon:
         policy = self.loaded.policy
         logconf.configure(fmt=policy.log.format, level=policy.log.level, stream=sys.stdout)
         try:
-            self.engine, fallback = make_engine(policy.engine.backend)
+            self.engine, fallback = make_engine(policy, log=self.log)
         except EngineError as exc:
             print(f"ocrd: error: {self.config_path}: engine.backend: {exc}", file=sys.stderr)
             return 2
@@ -228,7 +232,30 @@ class Daemon:
         try:
             self.engine.open(self.loaded.policy.model_dir)
         except Exception as exc:  # reported, never fatal
-            self.log.error("engine.unavailable", engine=self.engine.name, error=str(exc))
+            self._engine_failures += 1
+            delay = BACKOFF[min(self._engine_failures - 1, len(BACKOFF) - 1)]
+            self._engine_retry_at = time.monotonic() + delay
+            self.log.error(
+                "engine.unavailable", engine=self.engine.name, error=str(exc), retry_s=delay
+            )
+            self._note_error("engine", str(exc))
+        else:
+            self._engine_failures = 0
+            self._engine_retry_at = None
+
+    def _check_engine(self) -> None:
+        """Notice a host that died between cycles (engine.crashed) and start a fresh one."""
+        alive = getattr(self.engine, "alive", None)
+        if alive is None or alive():
+            return
+        if getattr(self.engine, "proc", None) is not None:
+            try:
+                self.engine.release()  # reaps it and logs engine.crashed
+            except Exception as exc:  # the next check tries again
+                self.log.error("engine.release_failed", engine=self.engine.name, error=str(exc))
+                return
+        if self._engine_retry_at is None or time.monotonic() >= self._engine_retry_at:
+            self._open_engine()
 
     def _loop(self) -> None:
         first = need_cycle = True
@@ -250,6 +277,7 @@ class Daemon:
                     self.notify.ready(self._status_line())
                     first = False
                 self.notify.status(self._status_line())
+            self._check_engine()
             self._ping()
             woke = self._sleep(self._next_timeout())
             need_cycle = not woke or self._models_event
@@ -269,6 +297,10 @@ class Daemon:
             timeout = min(timeout, min(r.not_before for r in self._retries.values()) - now)
         if self._busy_retry_at is not None:
             timeout = min(timeout, self._busy_retry_at - now)
+        if getattr(self.engine, "alive", None) is not None:
+            timeout = min(timeout, ENGINE_CHECK)
+        if self._engine_retry_at is not None:
+            timeout = min(timeout, self._engine_retry_at - now)
         if self.state.cycle_failures or self._locked_dir != policy.model_dir:
             step = BACKOFF[min(max(self._dir_retry, self.state.cycle_failures) - 1, 13)]
             timeout = min(timeout, float(step))
@@ -326,7 +358,7 @@ class Daemon:
                 self.log.error("engine.release_failed", engine=self.engine.name, error=str(exc))
             if new.policy.engine.backend != old.engine.backend:
                 try:
-                    self.engine, _ = make_engine(new.policy.engine.backend)
+                    self.engine, _ = make_engine(new.policy, log=self.log)
                 except EngineError as exc:
                     self.log.error("engine.unavailable", error=str(exc))
             self._open_engine()
@@ -437,6 +469,7 @@ class Daemon:
             self._note_error("cycle", f"{type(exc).__name__}: {exc}")
             return
         self.state.cycle_failures = 0
+        self.state.deleted_held = deleted_held(str(model_dir))
         self.state.last = result
         self.state.last_finished = time.time()
         self._track(result)
@@ -579,6 +612,11 @@ class Daemon:
         if self._visibility is None:
             self._visibility = visibility()
         doc["handles"] = {"inspected": self._visibility[0], "processes": self._visibility[1]}
+        doc["deleted_held"] = [
+            {"path": r.path, "pid": r.pid, "process": r.name, "how": r.how, "bytes": r.bytes}
+            for r in self.state.deleted_held
+        ]
+        doc["pinned_bytes"] = pinned_bytes(self.state.deleted_held)
         return doc
 
     def _write_status(self, state: str = "running") -> None:

@@ -27,7 +27,18 @@ from typing import Any
 from ocrd import snapshot as snap
 from ocrd.engine import Engine
 from ocrd.handles import HandleIndex, Holder, build_index
-from ocrd.model import Action, ActionKind, Entry, Kind, Outcome, Plan, Report, ReportKind, TrashItem
+from ocrd.model import (
+    Action,
+    ActionKind,
+    Class,
+    Entry,
+    Kind,
+    Outcome,
+    Plan,
+    Report,
+    ReportKind,
+    TrashItem,
+)
 
 TMP_PREFIX = ".ocrd-tmp-"
 DELETING_PREFIX = ".ocrd-deleting-"
@@ -377,6 +388,56 @@ def _act(root: str, action: Action, *, now: float, log: Log) -> None:
         )
 
 
+LISTED = 50  # names per list in a log line
+
+
+def _models_after(plan: Plan, result: _Result) -> list[str]:
+    """ocrd's own listing after the actions: what it scanned, minus prunes, plus restores."""
+    names = {c.name for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED}
+    for action in result.done:
+        if action.kind is ActionKind.PRUNE:
+            names.discard(action.name)
+        elif action.kind is ActionKind.RESTORE:
+            names.add(action.name)
+    return sorted(names)
+
+
+def _open_and_compare(
+    engine: Engine, root: str, *, log: Log, release_ms: float, ours: list[str]
+) -> None:
+    """Start the engine again and log its view of the models next to ocrd's."""
+    started = time.monotonic()
+    engine.open(Path(root))
+    open_ms = round((time.monotonic() - started) * 1000, 1)
+    where = engine.local_path()
+    listed = engine.list_local()
+    seen = set()
+    for path in listed:
+        rel = os.path.relpath(path, where) if where else path
+        seen.add(rel.split(os.sep, 1)[0])
+    if engine.name != "none" and seen != set(ours):
+        log.warning(
+            "engine.listing_differs",
+            engine=engine.name,
+            only_engine=sorted(seen - set(ours))[:LISTED],
+            only_ocrd=sorted(set(ours) - seen)[:LISTED],
+            hint="expected without a licence: the library then lists only its default model; "
+            "ocrd's own scan is what it acts on",
+        )
+    log.info(
+        "engine.cycled",
+        engine=engine.name,
+        pid=getattr(engine, "pid", None),
+        release_ms=release_ms,
+        open_ms=open_ms,
+        local_path=where,
+        engine_models=sorted(seen)[:LISTED],
+        engine_count=len(seen),
+        ocrd_models=ours[:LISTED],
+        ocrd_count=len(ours),
+    )
+
+
 def apply(
     plan: Plan,
     *,
@@ -458,13 +519,8 @@ def apply(
 
     engine_error = None
     try:
-        engine.open(Path(root))
-        log.info(
-            "engine.cycled",
-            engine=engine.name,
-            release_ms=released_ms,
-            local_path=engine.local_path(),
-            engine_models=engine.list_local(),
+        _open_and_compare(
+            engine, root, log=log, release_ms=released_ms, ours=_models_after(plan, result)
         )
     except Exception as exc:  # a failing engine is reported, never fatal
         engine_error = f"open failed: {exc}"

@@ -164,3 +164,22 @@ def trash_table(items: Sequence[TrashItem], *, now: float) -> str:
         for t in items
     ]
     return table(["id", "name", "size", "age", "reason"], rows)
+
+
+def deleted_table(rows: Sequence[dict[str, Any]], pinned: int) -> str:
+    """Files deleted from the model dir that processes still hold (rows from handles)."""
+    table_rows = [
+        [
+            str(r["path"]),
+            str(r["pid"]),
+            str(r["process"]),
+            str(r["how"]),
+            human_bytes(int(r["bytes"])) if r["bytes"] else "?",
+        ]
+        for r in rows
+    ]
+    head = (
+        f"Deleted but still held open or mapped ({human_bytes(pinned)} of disk pinned "
+        "until these processes let go):"
+    )
+    return head + "\n" + table(["path", "pid", "process", "how", "bytes"], table_rows)

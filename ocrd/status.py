@@ -112,6 +112,11 @@ def summary(doc: dict[str, Any], *, running: bool, path: Path) -> str:
             f"handle check: inspects {handles.get('inspected')} of "
             f"{handles.get('processes')} processes"
         )
+    for row in doc.get("deleted_held", []) or []:
+        lines.append(
+            f"deleted but held: {row.get('path')} by pid {row.get('pid')} "
+            f"({row.get('process')}, {row.get('how')}), {row.get('bytes')} bytes pinned"
+        )
     for reason in doc.get("degraded_reasons", []):
         lines.append(f"degraded: {reason}")
     lines.append(f"status file: {path}")

@@ -356,7 +356,7 @@ def test_list_json_has_the_documented_schema(run_ocrd, root):
     r = run_ocrd("--config", path, "list", "--json")
     assert r.code == 0, r
     doc = r.json()
-    assert set(doc) == {"schema", "model_dir", "models"}
+    assert set(doc) == {"schema", "model_dir", "models", "deleted_held", "pinned_bytes"}
     assert doc["schema"] == 1
     assert doc["model_dir"] == os.path.realpath(root)
     fields = {"name", "class", "rule", "kind", "size", "mtime", "age_seconds", "pin"}
@@ -718,7 +718,7 @@ def test_apply_stdout_is_json_lines_with_timestamp_level_event_first(run_ocrd, r
     event."""
     make_model(root, "old_a.bin", age=OLD)
     make_model(root, "en.bin", age=OLD)
-    path = policy(root, required=[{"name": "missing.bin"}], engine={"backend": "auto"})
+    path = policy(root, required=[{"name": "missing.bin"}], engine={"backend": "none"})
     r = run_ocrd("--config", path, "apply")
     assert r.code == 1, r  # the missing required model is a problem
     assert r.err == ""
@@ -732,7 +732,7 @@ def test_apply_stdout_is_json_lines_with_timestamp_level_event_first(run_ocrd, r
         assert record["level"] in {"debug", "info", "warning", "error"}
         assert re.fullmatch(r"[a-z_]+(\.[a-z_]+)+", record["event"]), record
     seen = [r["event"] for r in records]
-    assert {"engine.fallback", "model.missing", "model.pruned", "cycle.finished"} <= set(seen)
+    assert {"model.missing", "model.pruned", "engine.cycled", "cycle.finished"} <= set(seen)
     assert seen[-1] == "cycle.finished"
 
 
