@@ -25,12 +25,17 @@ from typing import IO, Any, Protocol, runtime_checkable
 
 from ocrd.policy import Policy
 
-# The llama.cpp build tag aspose-ocr-python-net 26.10 looks for under
-# <cwd>/Aspose.AI.LLM/runtimes/<tag>/<rid>/native/ (ASPOSE.md). The rid is
-# linux-x64-noavx when no `nvcc` is on PATH, which the host's PATH guarantees.
+# The llama.cpp build tag aspose-ocr-python-net 26.10 looks for, next to its
+# models folder: <XDG_DATA_HOME>/Aspose.AI.LLM/runtimes/<tag>/<rid>/native/.
+# The rid is linux-x64-cuda13.0 when an `nvcc` is found (next to the Python
+# binary, in the working dir, or on PATH), else linux-x64-noavx: both are
+# pointed at engine.runtime_dir, so a CPU runtime loads either way.
 RUNTIME_TAG = "b6451"
-RUNTIME_RID = "linux-x64-noavx"
+RUNTIME_RIDS = ("linux-x64-noavx", "linux-x64-cuda13.0")
 HOST_PATH = "/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The library tries to download runtimes even with allow_auto_download=False;
+# a dead proxy makes any such attempt fail at once instead of reaching out.
+NO_NETWORK_PROXY = "http://127.0.0.1:9"
 START_TIMEOUT = 60.0
 PASSED_ENV = (
     "LANG",
@@ -177,9 +182,10 @@ class AsposeEngine:
         self.work.mkdir(parents=True, exist_ok=True)
         _replace_symlink(models_parent / "models", model_dir)
         if self.runtime_dir is not None:
-            native_parent = self.work / "Aspose.AI.LLM" / "runtimes" / RUNTIME_TAG / RUNTIME_RID
-            native_parent.mkdir(parents=True, exist_ok=True)
-            _replace_symlink(native_parent / "native", self.runtime_dir)
+            for rid in RUNTIME_RIDS:
+                native_parent = models_parent / "runtimes" / RUNTIME_TAG / rid
+                native_parent.mkdir(parents=True, exist_ok=True)
+                _replace_symlink(native_parent / "native", self.runtime_dir)
             libdir = self.root / "lib"
             libdir.mkdir(exist_ok=True)
             libdl = _libdl()
@@ -196,6 +202,8 @@ class AsposeEngine:
             PYTHONUNBUFFERED="1",
         )
         env.setdefault("LANG", "C.UTF-8")
+        for proxy in ("http_proxy", "https_proxy", "all_proxy"):
+            env[proxy] = env[proxy.upper()] = NO_NETWORK_PROXY
         if self.force_invariant or "CLR_ICU_VERSION_OVERRIDE" not in env:
             env.setdefault("DOTNET_SYSTEM_GLOBALIZATION_INVARIANT", "1")
         if self.force_invariant:
