@@ -206,8 +206,10 @@ def reconcile(
                 )
             )
 
+    # Restores first (by name), then prunes oldest first, then purges oldest-trashed
+    # first: each group was built in that order, and the sort is stable.
     order = {ActionKind.RESTORE: 0, ActionKind.PRUNE: 1, ActionKind.PURGE: 2}
-    actions.sort(key=lambda a: (order[a.kind], a.entry.mtime if a.entry else 0.0, a.name))
+    actions.sort(key=lambda a: (order[a.kind], a.name if a.kind is ActionKind.RESTORE else ""))
     reports.sort(key=lambda r: (r.kind.value, r.name))
     classified.sort(key=lambda c: c.name)
     if policy.suspend and actions:

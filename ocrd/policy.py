@@ -43,7 +43,7 @@ def parse_duration(value: Any) -> float:
 
 def format_duration(seconds: float) -> str:
     """Seconds -> the shortest exact unit string ('10m', '7d', '1.5s')."""
-    for unit in ("w", "d", "h", "m", "s"):
+    for unit in ("d", "h", "m", "s"):
         size = _UNITS[unit]
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"

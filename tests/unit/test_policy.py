@@ -125,7 +125,7 @@ def test_parse_duration_rejects_nan_without_calling_it_negative() -> None:
         (3600, "1h"),
         (90000, "25h"),
         (86400, "1d"),
-        (604800, "1w"),
+        (604800, "7d"),
     ],
 )
 def test_format_duration_uses_the_largest_exact_unit(seconds: float, text: str) -> None:
