@@ -629,3 +629,46 @@ def test_reconcile_is_pure() -> None:
     assert first == reconcile(policy, snapshot, now=NOW)
     assert snapshot == make_snapshot(make_entry("old_a"), make_entry("keep"))
     assert pruned(first) == ["old_a"]
+
+
+def test_purges_run_oldest_trashed_first() -> None:
+    """Expired quarantine items are purged in the order they were trashed, not by name."""
+    policy = make_policy(quarantine={"retention": "1d"})
+    trash = (
+        make_trash("a_model", age=2 * DAY, id_="x2"),
+        make_trash("z_model", age=5 * DAY, id_="x1"),
+        make_trash("m_model", age=3 * DAY, id_="x3"),
+    )
+    plan = plan_for(policy, trash=trash)
+    assert [a.trash_id for a in plan.actions] == ["x1", "x3", "x2"]
+
+
+def test_held_names_become_reports_not_actions() -> None:
+    """A name the caller holds back (flapping, backoff) is reported `held`, not acted on."""
+    policy = make_policy(
+        prune={"prefixes": ["old_"], "min_age": 0, "max_fraction": 1},
+        required=[{"name": "need.bin", "source": "/srv/mirror/need.bin"}],
+    )
+    hold = {"old_a": "flapping", "need.bin": "failed 2x"}
+    plan = reconcile(
+        policy, make_snapshot(make_entry("old_a"), make_entry("old_b")), now=NOW, hold=hold
+    )
+    assert [(a.kind, a.name) for a in plan.actions] == [(ActionKind.PRUNE, "old_b")]
+    held = {(r.name, r.reason) for r in plan.reports if r.kind is ReportKind.HELD}
+    assert held == {("old_a", "flapping"), ("need.bin", "failed 2x")}
+
+
+def test_next_due_is_the_earliest_time_the_plan_changes_by_itself() -> None:
+    """next_due() names when a waiting model reaches min_age or a quarantine item expires."""
+    from ocrd.plan import next_due
+
+    policy = make_policy(
+        prune={"prefixes": ["old_"], "min_age": "1h"}, quarantine={"retention": "1d"}
+    )
+    snap = make_snapshot(
+        make_entry("old_young", age=600),
+        make_entry("keep.bin", age=10),
+        trash=(make_trash("gone", age=DAY - 60),),
+    )
+    assert next_due(policy, snap, now=NOW) == pytest.approx(NOW + 60)
+    assert next_due(policy, make_snapshot(make_entry("keep.bin")), now=NOW) is None
