@@ -385,9 +385,13 @@ class AsposeEngine:
             return
         with contextlib.suppress(EngineError):
             self.call("free", timeout=max(0.1, self.release_timeout / 2))
+        if self.proc is None:
+            return  # it died meanwhile: engine.crashed was logged and it was reaped
         if proc.poll() is None:
             with contextlib.suppress(EngineError):
                 self.call("quit", timeout=max(0.1, deadline - time.monotonic()))
+            if self.proc is None:
+                return
         if proc.stdin is not None:
             with contextlib.suppress(OSError):
                 proc.stdin.close()
