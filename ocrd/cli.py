@@ -378,13 +378,12 @@ def status(obj: _Context, as_json: bool) -> None:
     """The running daemon's last cycle. Exit 0 healthy, 1 degraded, 3 not running."""
     from ocrd import status as statusfile
 
-    policy = obj.load().policy
-    assert policy.state_dir is not None
-    found = statusfile.read(policy.state_dir)
+    state_dir = _state_dir_even_if_invalid(obj)
+    found = statusfile.read(state_dir)
     if found is None:
         click.echo(
             f"ocrd: no status file (looked in: "
-            f"{', '.join(map(str, statusfile.candidates(policy.state_dir)))}); "
+            f"{', '.join(map(str, statusfile.candidates(state_dir)))}); "
             "is the daemon running?",
             err=True,
         )
@@ -398,6 +397,35 @@ def status(obj: _Context, as_json: bool) -> None:
     if not running:
         sys.exit(EXIT_PENDING)
     sys.exit(EXIT_PROBLEMS if doc.get("degraded") else EXIT_OK)
+
+
+def _state_dir_even_if_invalid(obj: _Context) -> Path:
+    """The policy's state dir; when the policy does not load (an operator is mid-edit,
+    the daemon keeps the last good one), its raw `state_dir` or the default."""
+    from ocrd import yamlsafe
+    from ocrd.config import default_state_dir, policy_path
+    from ocrd.errors import PolicyError
+
+    try:
+        policy = obj.load().policy
+    except PolicyError as exc:
+        click.echo(
+            f"ocrd: warning: the policy does not load ({exc.problems[0]}); "
+            "showing the daemon's status anyway",
+            err=True,
+        )
+        path = policy_path(obj.config)
+        try:
+            raw, _ = yamlsafe.load(path.read_bytes())
+        except (OSError, yamlsafe.YamlError):
+            raw = None
+        value = raw.get("state_dir") if isinstance(raw, dict) else None
+        if isinstance(value, str) and value:
+            return (path.resolve().parent / value).resolve()
+        return default_state_dir()
+    state_dir: Path | None = policy.state_dir
+    assert state_dir is not None
+    return state_dir
 
 
 def main() -> None:

@@ -71,6 +71,14 @@ class _State:
     deleted_held: list[DeletedHeld] = field(default_factory=list)
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
 class Daemon:
     """One daemon for one policy file (and so one model dir)."""
 
@@ -100,6 +108,7 @@ class Daemon:
         self._view: _View | None = None
         self._lock: DirLock | None = None
         self._locked_dir: Path | None = None
+        self._lock_id: tuple[int, int] | None = None
         self._dir_retry = 0
         self._engine_failures = 0
         self._engine_retry_at: float | None = None
@@ -227,6 +236,7 @@ class Daemon:
         if self._lock is not None:
             self._lock.release()
         self._lock, self._locked_dir = lock, model_dir
+        self._lock_id = _identity(model_dir)
 
     def _open_engine(self) -> None:
         try:
@@ -266,6 +276,9 @@ class Daemon:
                 need_cycle = self._reload() or need_cycle
                 if self._stopping:
                     break
+                if not need_cycle and not first:
+                    self._write_status()  # a rejected edit shows at once
+                    self.notify.status(self._status_line())
             if need_cycle:
                 self._models_event = False
                 watch_error = self.watcher.watch(self.loaded.policy.model_dir, self.config_path)
@@ -441,7 +454,9 @@ class Daemon:
             self._dir_retry += 1
             self._suspect(f"model_dir {model_dir} {what}")
             return
-        if self._locked_dir != model_dir:
+        if self._locked_dir != model_dir or _identity(model_dir) != self._lock_id:
+            # New path, or the directory was replaced under the same path: the lock
+            # file we hold is in the old one, so take the lock in this one.
             try:
                 self._take_lock(model_dir)
             except LockedError as exc:
@@ -469,6 +484,12 @@ class Daemon:
             self._note_error("cycle", f"{type(exc).__name__}: {exc}")
             return
         self.state.cycle_failures = 0
+        if result.held_back is None and self._view is not None:
+            # Our own prunes and restores change what "normal" looks like: emptying the
+            # dir by policy is not a suspicious view at the next cycle.
+            pruned = sum(1 for a in result.outcome.done if a.kind is ActionKind.PRUNE)
+            restored = sum(1 for a in result.outcome.done if a.kind is ActionKind.RESTORE)
+            self._view.models = max(0, self._view.models - pruned + restored)
         self.state.deleted_held = deleted_held(str(model_dir))
         self.state.last = result
         self.state.last_finished = time.time()

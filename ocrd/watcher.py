@@ -119,9 +119,18 @@ class Watcher:
         self.policy_file: str | None = None
 
     def _new_observer(self) -> BaseObserver:
-        if self.mode == "polling":
-            return PollingObserver(timeout=POLL_INTERVAL)
-        return Observer()
+        if self.mode == "inotify":
+            try:
+                return Observer()
+            except OSError as exc:  # e.g. EMFILE: inotify instance limit reached
+                self._warn(
+                    "watch.polling",
+                    error=str(exc),
+                    hint="inotify is unavailable (raise fs.inotify.max_user_watches / "
+                    "max_user_instances); polling every 2s instead",
+                )
+                self.mode = "polling"
+        return PollingObserver(timeout=POLL_INTERVAL)
 
     def _fall_back(self, error: OSError) -> None:
         self._warn(
