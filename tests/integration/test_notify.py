@@ -1,0 +1,239 @@
+"""The daemon speaks systemd's notify protocol to a real AF_UNIX datagram socket bound in
+tmp_path: READY, STATUS, RELOADING, WATCHDOG and STOPPING, in order (DESIGN §6).
+
+The daemon harness lives in test_daemon.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import socket
+import statistics
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+from conftest import make_model, wait_for
+from test_daemon import Daemon, Daemons, daemon_env, epoch, policy_data, save_policy
+
+WATCHDOG_USEC = 600_000  # systemd's WatchdogSec=0.6s: a ping is due about every 0.3 s
+STATUS_LINE = re.compile(r"^STATUS=models=\d+ pending=\d+ busy=\d+ done=\d+")
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd; a thread collects what arrives."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(address)
+        self.sock.settimeout(0.05)
+        self.messages: list[tuple[float, str]] = []  # (time.time() on arrival, datagram)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            self.messages.append((time.time(), data.decode("utf-8")))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sock.close()
+
+    def __enter__(self) -> NotifySocket:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def mark(self) -> int:
+        return len(self.messages)
+
+    def texts(self, after: int = 0) -> list[str]:
+        return [text for _, text in self.messages[after:]]
+
+    def kinds(self, after: int = 0) -> list[str]:
+        """The first key of each datagram: READY, STATUS, RELOADING, WATCHDOG, STOPPING."""
+        return [text.split("=", 1)[0] for text in self.texts(after)]
+
+    def arrivals(self, kind: str, after: int = 0) -> list[float]:
+        return [at for at, text in self.messages[after:] if text.startswith(f"{kind}=")]
+
+    def wait(self, kind: str, *, after: int = 0, timeout: float = 10.0) -> tuple[float, str]:
+        """The first datagram starting with `KIND=` after *after*."""
+        found = wait_for(
+            lambda: [(at, t) for at, t in self.messages[after:] if t.startswith(f"{kind}=")],
+            timeout=timeout,
+            what=f"{kind}= (got {self.texts(after)})",
+        )
+        return found[0]
+
+
+@pytest.fixture
+def daemons(env: dict[str, str], tmp_path: Path) -> Iterator[Daemons]:
+    with Daemons(daemon_env(env, tmp_path)) as group:
+        yield group
+
+
+@pytest.fixture
+def notify(tmp_path: Path) -> Iterator[NotifySocket]:
+    with NotifySocket(str(tmp_path / "notify.sock")) as sock:
+        yield sock
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    path = tmp_path / "models"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def policy(tmp_path: Path, models: Path) -> Path:
+    return save_policy(tmp_path / "etc" / "policy.yaml", policy_data(models))
+
+
+def start(
+    daemons: Daemons,
+    policy: Path,
+    notify: NotifySocket,
+    *,
+    wrapper: Sequence[str] = (),
+    **env: str,
+) -> Daemon:
+    """Start `ocrd run` with NOTIFY_SOCKET naming *notify* (and more *env*)."""
+    address = notify.sock.getsockname()
+    if isinstance(address, bytes):  # an abstract address: NUL, then the name
+        address = "@" + address[1:].decode()
+    return daemons.start(policy, extra_env={"NOTIFY_SOCKET": address, **env}, wrapper=wrapper)
+
+
+def test_ready_after_the_first_cycle_and_stopping_last(
+    daemons: Daemons, notify: NotifySocket, policy: Path, models: Path
+) -> None:
+    """READY=1 comes first, after the first cycle; STATUS= follows; STOPPING=1 comes last."""
+    make_model(models, "keep.bin")
+    daemon = start(daemons, policy, notify)
+    ready_at, ready = notify.wait("READY")
+    assert notify.texts()[0] == ready
+    assert epoch(daemon.cycles()[0]) <= ready_at
+    assert "STATUS=models=1 pending=0" in ready
+    notify.wait("STATUS")
+    code, _ = daemon.stop()
+    assert code == 0
+    notify.wait("STOPPING")
+    kinds = notify.kinds()
+    assert kinds[0] == "READY"
+    assert kinds[-1] == "STOPPING"
+    assert set(kinds[1:-1]) == {"STATUS"}, kinds
+
+
+def test_status_after_every_cycle(
+    daemons: Daemons, notify: NotifySocket, policy: Path, models: Path
+) -> None:
+    """Every cycle is followed by one STATUS= datagram with the counts of that cycle."""
+    daemon = start(daemons, policy, notify)
+    for i in range(3):
+        mark = daemon.mark()
+        make_model(models, f"keep_{i}.bin")
+        daemon.wait("cycle.finished", after=mark)
+    wait_for(
+        lambda: notify.kinds().count("STATUS") == len(daemon.cycles()),
+        what="one STATUS= per cycle",
+    )
+    statuses = [t for t in notify.texts() if t.startswith("STATUS=")]
+    assert all(STATUS_LINE.match(t) for t in statuses), statuses
+    assert statuses[-1].startswith("STATUS=models=3 ")
+
+
+def test_reload_sends_reloading_with_monotonic_usec_then_ready(
+    daemons: Daemons, notify: NotifySocket, policy: Path
+) -> None:
+    """SIGHUP brings RELOADING=1 with MONOTONIC_USEC=now, then READY=1, then the cycle's STATUS."""
+    daemon = start(daemons, policy, notify)
+    notify.wait("STATUS")
+    mark = notify.mark()
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    daemon.send(signal.SIGHUP)
+    notify.wait("STATUS", after=mark)
+    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    assert notify.kinds(mark)[:3] == ["RELOADING", "READY", "STATUS"]
+    reloading = notify.texts(mark)[0].split("\n")
+    assert reloading[0] == "RELOADING=1"
+    assert reloading[1].startswith("MONOTONIC_USEC=")
+    assert before <= int(reloading[1].split("=", 1)[1]) <= after
+
+
+def test_rejected_edit_still_answers_reloading_with_ready(
+    daemons: Daemons, notify: NotifySocket, policy: Path, models: Path
+) -> None:
+    """A rejected policy edit is bracketed by RELOADING=1 and READY=1 saying it was rejected."""
+    daemon = start(daemons, policy, notify)
+    notify.wait("STATUS")
+    mark = notify.mark()
+    save_policy(policy, policy_data(models, prune={"min_age": "ten minutes"}))
+    daemon.wait("policy.rejected")
+    notify.wait("READY", after=mark)
+    assert notify.kinds(mark)[:2] == ["RELOADING", "READY"]
+    assert "rejected" in notify.texts(mark)[1]
+
+
+@pytest.mark.parametrize("pid", ["unset", "own"])
+def test_watchdog_pings_at_half_the_interval(
+    daemons: Daemons, notify: NotifySocket, policy: Path, pid: str
+) -> None:
+    """With WATCHDOG_USEC (and WATCHDOG_PID unset or ours) WATCHDOG=1 comes every half period."""
+    # `exec` keeps the shell's pid, so $$ is the pid ocrd will have.
+    wrapper = ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh"] if pid == "own" else []
+    daemon = start(daemons, policy, notify, wrapper=wrapper, WATCHDOG_USEC=str(WATCHDOG_USEC))
+    assert daemon.pid == daemon.proc.pid
+    mark = notify.mark()
+    wait_for(lambda: len(notify.arrivals("WATCHDOG", mark)) >= 5, what="5 WATCHDOG=1")
+    pings = notify.arrivals("WATCHDOG", mark)
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    half = WATCHDOG_USEC / 2e6
+    assert 0.6 * half <= statistics.median(gaps) <= 1.5 * half, gaps
+    assert max(gaps) < 2 * half, gaps  # systemd would have killed it
+    assert notify.texts(mark).count("WATCHDOG=1") == len(pings)
+
+
+def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
+    daemons: Daemons, notify: NotifySocket, policy: Path
+) -> None:
+    """WATCHDOG_PID naming another process means the watchdog is not ocrd's: no WATCHDOG=1."""
+    env = {"WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": str(os.getpid())}
+    start(daemons, policy, notify, **env)
+    notify.wait("STATUS")
+    deadline = time.monotonic() + 4 * WATCHDOG_USEC / 2e6  # 4 pings would be due
+    while time.monotonic() < deadline:
+        assert "WATCHDOG" not in notify.kinds()
+        time.sleep(0.02)
+    assert notify.kinds()[:2] == ["READY", "STATUS"]
+
+
+def test_abstract_notify_socket(daemons: Daemons, policy: Path) -> None:
+    """NOTIFY_SOCKET starting with '@' names an abstract socket; READY and STOPPING arrive."""
+    with NotifySocket(f"\0ocrd-test-{uuid.uuid4().hex}") as notify:
+        daemon = start(daemons, policy, notify)
+        notify.wait("READY")
+        assert daemon.stop()[0] == 0
+        notify.wait("STOPPING")
+        assert notify.kinds()[0] == "READY"
+        assert notify.kinds()[-1] == "STOPPING"
