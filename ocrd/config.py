@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import stat
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from ocrd import yamlsafe
 from ocrd.errors import PolicyError, Problem
@@ -220,6 +227,18 @@ def _problems_from(exc: ValidationError, path: Path, lines: dict[Loc, int]) -> l
 
 def _read(path: Path) -> bytes:
     try:
+        # stat first: opening a FIFO or a device could block or read forever.
+        if not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir():
+            raise PolicyError(
+                [
+                    Problem(
+                        str(path),
+                        None,
+                        "",
+                        "is not a regular file. Pass the YAML policy file itself with --config.",
+                    )
+                ]
+            )
         with open(path, "rb") as fh:
             data = fh.read(yamlsafe.MAX_BYTES + 1)
             if len(data) > yamlsafe.MAX_BYTES:
@@ -369,7 +388,7 @@ def load_policy(path: Path) -> LoadedPolicy:
     try:
         raw, lines = yamlsafe.load(data)
     except yamlsafe.YamlError as exc:
-        raise PolicyError([Problem(str(path), exc.line, "", f"{exc}. {FIX}")]) from None
+        raise PolicyError([Problem(str(path), exc.line, _key(exc.loc), f"{exc}. {FIX}")]) from None
     if raw is None:
         raw = {}
     unknown = _unknown_env(path)
@@ -391,6 +410,20 @@ def load_policy(path: Path) -> LoadedPolicy:
         settings = Settings(**raw)
     except ValidationError as exc:
         raise PolicyError(_problems_from(exc, path, lines)) from None
+    except SettingsError as exc:  # an OCRD_* value that is not valid JSON for a list or mapping
+        field = re.search(r'field "([a-z_]+)"', str(exc))
+        var = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "OCRD_*"
+        raise PolicyError(
+            [
+                Problem(
+                    f"{path} (environment {var})",
+                    None,
+                    field.group(1) if field else "",
+                    f"{exc}. Lists and mappings must be JSON in the environment, e.g. "
+                    f"OCRD_WHITELIST='[\"*.gguf\"]'. {FIX}",
+                )
+            ]
+        ) from None
     fields = {name: getattr(settings, name) for name in Policy.model_fields}
     policy = Policy.model_construct(**fields)
     resolved = _resolve(policy, path, lines)

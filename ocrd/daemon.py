@@ -95,6 +95,7 @@ class Daemon:
         self.log = logconf.get()
         self._wake = threading.Event()
         self._models_event = False
+        self._overflowed = False
         self._policy_event = False
         self._reload_requested = False
         self._stopping = False
@@ -134,6 +135,11 @@ class Daemon:
     def _on_models(self) -> None:
         self._models_event = True
         self._wake.set()
+
+    def _on_overflow(self) -> None:
+        """The kernel dropped file events: whatever they were, rescan."""
+        self._overflowed = True
+        self._on_models()
 
     def _on_policy(self) -> None:
         self._policy_event = True
@@ -198,6 +204,7 @@ class Daemon:
         self.watcher = Watcher(
             on_models=self._on_models,
             on_policy=self._on_policy,
+            on_overflow=self._on_overflow,
             warn=self.log.warning,
             force_polling=self.force_polling,
         )
@@ -281,6 +288,13 @@ class Daemon:
                     self.notify.status(self._status_line())
             if need_cycle:
                 self._models_event = False
+                if self._overflowed:
+                    self._overflowed = False
+                    self.log.warning(
+                        "watch.overflow",
+                        hint="the kernel's inotify queue overflowed and events were lost; "
+                        "rescanning (raise fs.inotify.max_queued_events if this repeats)",
+                    )
                 watch_error = self.watcher.watch(self.loaded.policy.model_dir, self.config_path)
                 if watch_error:
                     self._note_error("watch", watch_error)
@@ -314,9 +328,11 @@ class Daemon:
             timeout = min(timeout, ENGINE_CHECK)
         if self._engine_retry_at is not None:
             timeout = min(timeout, self._engine_retry_at - now)
-        if self.state.cycle_failures or self._locked_dir != policy.model_dir:
-            step = BACKOFF[min(max(self._dir_retry, self.state.cycle_failures) - 1, 13)]
-            timeout = min(timeout, float(step))
+        if self.state.cycle_failures or self._dir_retry or self._locked_dir != policy.model_dir:
+            # A missing, unreadable or locked model dir, or a failing cycle: retry with
+            # backoff (its watch may be gone with it, so no event would come).
+            tries = max(self._dir_retry, self.state.cycle_failures, 1)
+            timeout = min(timeout, float(BACKOFF[min(tries - 1, len(BACKOFF) - 1)]))
         return max(MIN_SLEEP, timeout)
 
     # -- reload ------------------------------------------------------------------

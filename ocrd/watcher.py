@@ -5,6 +5,7 @@ latency (the periodic resync covers it)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -24,6 +25,30 @@ def _top_name(root: str, path: str) -> str | None:
     if rel == "." or rel.startswith(".."):
         return None
     return rel.split(os.sep, 1)[0]
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog reports an inotify queue overflow (IN_Q_OVERFLOW) only by logging
+    a warning and dropping what it had; this turns that warning into a wake-up."""
+
+    LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        super().__init__(logging.WARNING)
+        self.callback = callback
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self.callback()
+
+    @classmethod
+    def install(cls, callback: Callable[[], None]) -> None:
+        for name in cls.LOGGERS:
+            logger = logging.getLogger(name)
+            for old in [h for h in logger.handlers if isinstance(h, cls)]:
+                logger.removeHandler(old)
+            logger.addHandler(cls(callback))
+            logger.propagate = False  # ocrd logs it itself (watch.overflow), once
 
 
 def _identity(path: str | None) -> tuple[int, int] | None:
@@ -103,8 +128,11 @@ class Watcher:
         on_models: Callable[[], None],
         on_policy: Callable[[], None],
         warn: Callable[..., Any],
+        on_overflow: Callable[[], None] | None = None,
         force_polling: bool = False,
     ) -> None:
+        if on_overflow is not None:
+            _OverflowHook.install(on_overflow)
         self._on_models = on_models
         self._on_policy = on_policy
         self._warn = warn
