@@ -214,17 +214,17 @@ def apply(obj: _Context, dry_run: bool) -> None:
             try:
                 result = run_cycle(policy, engine=engine, log=logger, progress=_progress())
             finally:
-                engine.release()
+                try:
+                    engine.release()
+                except EngineError as exc:
+                    logger.error("engine.release_failed", engine=engine.name, error=str(exc))
     sys.exit(EXIT_PROBLEMS if result.problems else EXIT_OK)
 
 
 def _deleted_held(root: str) -> list[dict[str, Any]]:
     from ocrd.handles import deleted_held
 
-    return [
-        {"path": r.path, "pid": r.pid, "process": r.name, "how": r.how, "bytes": r.bytes}
-        for r in deleted_held(root)
-    ]
+    return [row.as_dict() for row in deleted_held(root)]
 
 
 def _require_dir(path: Path) -> None:

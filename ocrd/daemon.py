@@ -645,10 +645,7 @@ class Daemon:
         if self._visibility is None:
             self._visibility = visibility()
         doc["handles"] = {"inspected": self._visibility[0], "processes": self._visibility[1]}
-        doc["deleted_held"] = [
-            {"path": r.path, "pid": r.pid, "process": r.name, "how": r.how, "bytes": r.bytes}
-            for r in self.state.deleted_held
-        ]
+        doc["deleted_held"] = [row.as_dict() for row in self.state.deleted_held]
         doc["pinned_bytes"] = pinned_bytes(self.state.deleted_held)
         return doc
 

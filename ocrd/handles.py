@@ -172,6 +172,16 @@ class DeletedHeld:
     how: str  # "fd" | "mmap"
     bytes: int  # the disk space it pins (the file's size), 0 when unknown
 
+    def as_dict(self) -> dict[str, str | int]:
+        """The row as documented for `list --json` and the status file."""
+        return {
+            "path": self.path,
+            "pid": self.pid,
+            "process": self.name,
+            "how": self.how,
+            "bytes": self.bytes,
+        }
+
 
 def _map_size(pid_dir: str, address: str) -> int:
     """Size of a mapped deleted file, via map_files (needs privilege), else 0."""
