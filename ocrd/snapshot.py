@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from ocrd import statefile
 from ocrd.errors import ModelDirError
 from ocrd.model import Entry, Kind, Snapshot, TrashItem
 
@@ -153,16 +153,9 @@ class HashCache:
         data = {k: v for k, v in self._data.items() if k in self._seen}
         if not self._dirty and data == self._data:
             return None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
-            fd, tmp = tempfile.mkstemp(prefix=".hashes-", dir=self.path.parent)
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"version": 1, "hashes": data}, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except OSError as exc:
-            return f"{self.path}: {exc.strerror or exc}"
+        error = statefile.write_json(self.path, {"version": 1, "hashes": data}, mode=0o640)
+        if error:
+            return error
         self._data, self._dirty = data, False
         return None
 

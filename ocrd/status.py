@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from ocrd import statefile
 
 STATUS_NAME = "status.json"
 RUNTIME_DEFAULT = Path("/run/ocrd")
@@ -31,22 +31,7 @@ def candidates(state_dir: Path) -> list[Path]:
 
 def write(path: Path, data: dict[str, Any]) -> str | None:
     """Replace *path* atomically with *data*; returns an error text instead of raising."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
-        fd, tmp = tempfile.mkstemp(prefix=".status-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=1)
-                fh.write("\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()  # our own temp file, never a model
-            raise
-    except OSError as exc:
-        return f"{path}: {exc.strerror or exc}"
-    return None
+    return statefile.write_json(path, data, durable=False, indent=1)
 
 
 def read(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -65,15 +50,7 @@ def read(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
 
 
 def pid_alive(pid: Any) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return isinstance(pid, int) and pid > 0 and statefile.pid_alive(pid)
 
 
 def _when(ts: Any) -> str:

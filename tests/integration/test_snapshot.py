@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -338,3 +340,27 @@ def test_scan_file_raises(tmp_path: Path) -> None:
     path = make_model(tmp_path, "afile")
     with pytest.raises(ModelDirError, match=r"not a directory"):
         snapshot.scan(path)
+
+
+def test_a_dead_writers_temp_file_is_swept_by_the_next_save(tmp_path: Path) -> None:
+    """A hash-cache temp file of a killed ocrd is removed by the next save; a live one stays."""
+    state = tmp_path / "state"
+    state.mkdir()
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead = state / f".hashes.json.{gone.stdout.strip()}.tmp"
+    dead.write_text("{partial")
+    alive = state / ".hashes.json.1.tmp"  # pid 1 always exists
+    alive.write_text("{partial")
+    cache = HashCache(state)
+    model = tmp_path / "m.bin"
+    model.write_bytes(b"x")
+    cache.put(os.stat(model), "0" * 64)
+    assert cache.save() is None
+    assert not dead.exists()
+    assert alive.exists()
+    assert (state / "hashes.json").exists()
