@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_model, write_policy
+from conftest import OCRD, make_model, write_policy
 
 import ocrd
 
@@ -954,3 +954,51 @@ def test_apply_refuses_to_prune_more_than_max_fraction(run_ocrd, root):
     (refused,) = events(r.out, "plan.refused")
     assert "max_fraction" in refused["error"]
     assert not events(r.out, "model.pruned")
+
+
+def test_hashing_a_big_pinned_model_shows_progress_on_a_terminal_only(
+    run_ocrd: Any, root: Path, env: dict[str, str]
+) -> None:
+    """Hashing a pinned model over 256 MiB prints progress on a terminal's stderr, not in pipes."""
+    import pty
+
+    big = root / "big.bin"
+    chunk = os.urandom(1 << 20)
+    digest = hashlib.sha256()
+    with open(big, "wb") as fh:
+        for _ in range(300):
+            fh.write(chunk)
+            digest.update(chunk)
+    path = policy(root, required=[{"name": "big.bin", "sha256": digest.hexdigest()}])
+    piped = run_ocrd("--config", path, "plan")
+    assert piped.code == 0, piped
+    assert "hashing" not in piped.err
+    # A terminal: stderr on a pty (the hash cache is empty again in a fresh state dir).
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [OCRD, "--config", str(path), "plan"],
+            stdout=subprocess.PIPE,
+            stderr=follower,
+            env={**env, "XDG_STATE_HOME": str(root.parent / "tty-state")},
+            timeout=60,
+            check=False,
+        )
+        os.close(follower)
+        follower = -1
+        seen = b""
+        while True:
+            try:
+                chunk_read = os.read(leader, 4096)
+            except OSError:  # EIO: the terminal's other side is closed and drained
+                break
+            if not chunk_read:
+                break
+            seen += chunk_read
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    assert proc.returncode == 0
+    assert b"hashing big.bin" in seen
+    assert b"100%" in seen
