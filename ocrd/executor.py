@@ -169,7 +169,8 @@ def quarantine(
     # A record lost to a power cut leaves a payload without a record: kept, never lost.
     _write_json(os.path.join(item, snap.RECORD), record, durable=not sync.batch)
     os.rename(os.path.join(root, name), os.path.join(item, name))
-    sync.dir(item)
+    # The rename is one journal transaction covering both directories: flushing the
+    # trash and the model dir (once per cycle when batched) makes it durable.
     sync.dir(trash)
     sync.dir(root)
     return item_id
