@@ -653,13 +653,12 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
     make_model(models, "keep.bin", b"keep")
     make_model(models, "old_a", b"original bytes")
     save_policy(policy, policy_data(models, prune={"action": mode}))
-    target = os.path.realpath(models / "old_a")
     trace = tmp_path / "strace.log"
-    # The 1st lstat of old_a is the scan, the 2nd the handle check after planning: stop
-    # there (SIGSTOP on that syscall), swap the file, continue into the act.
+    # After planning, the handle check opens /proc to index every process: stop there
+    # (SIGSTOP on that syscall), swap the file, continue into the re-check and the act.
     argv = [
-        STRACE, "-f", "-qq", "-o", str(trace), "-P", target, "-e", "trace=newfstatat",
-        "-e", "inject=newfstatat:signal=STOP:when=2",
+        STRACE, "-f", "-qq", "-o", str(trace), "-P", "/proc", "-e", "trace=openat",
+        "-e", "inject=openat:signal=STOP:when=1",
         OCRD, "--config", str(policy), "apply",
     ]  # fmt: skip
     proc = subprocess.Popen(
