@@ -19,15 +19,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import pytest
-from conftest import OCRD, make_model, wait_for, write_policy
+from conftest import OCRD, make_model, wait_for
+from daemonkit import DEBOUNCE, epoch, policy_data, read_status, save_policy
 
-DEBOUNCE = 0.1  # reconcile.debounce of every policy here
 CAP = 5 * DEBOUNCE  # the daemon's hard cap on settling under constant writes
 # Longer than any debounce the daemon may still be in, and than the 0.5 s watchdog waits
 # to pair a move out of the model dir (a prune) with its other half before reporting it.
@@ -45,49 +44,8 @@ root_only = pytest.mark.skipif(
 # -- helpers shared with test_daemon_reload.py and test_notify.py -------------------------
 
 
-def policy_data(model_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A fast policy: prefix old_, no min_age, no fraction limit, 100 ms debounce, engine none.
-
-    A dict override is merged into the section of the same name; anything else replaces it.
-    """
-    data: dict[str, Any] = {
-        "model_dir": str(model_dir),
-        "prune": {
-            "prefixes": ["old_"],
-            "min_age": 0,
-            "max_fraction": 1.0,
-            "max_per_cycle": 100_000,
-        },
-        "engine": {"backend": "none"},
-        "reconcile": {"debounce": f"{round(DEBOUNCE * 1000)}ms", "resync": "1h"},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return data
-
-
-def save_policy(path: Path, data: dict[str, Any] | str) -> Path:
-    """Save a policy the way editors do: write a temp file, then rename it over *path*."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.swp")
-    if isinstance(data, str):
-        tmp.write_text(data, encoding="utf-8")
-    else:
-        write_policy(tmp, data)
-    os.replace(tmp, path)
-    return path
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def epoch(event: dict[str, Any]) -> float:
-    """A log line's UTC ISO timestamp as seconds since the epoch."""
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
 
 
 def daemon_env(env: dict[str, str], tmp_path: Path, *, runtime: bool = True) -> dict[str, str]:
@@ -331,15 +289,6 @@ def unmount(path: Path) -> None:
     """Unmount lazily: a daemon killed a moment ago may still hold the lock file open."""
     assert UMOUNT is not None
     subprocess.run([UMOUNT, "--lazy", str(path)], check=True)
-
-
-def read_status(path: Path) -> dict[str, Any] | None:
-    """The status document at *path*, or None while there is none."""
-    try:
-        doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    return doc
 
 
 # -- fixtures -----------------------------------------------------------------------------

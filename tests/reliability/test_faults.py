@@ -19,20 +19,19 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from conftest import OCRD, make_model, wait_for, write_policy
+from conftest import OCRD, make_model, wait_for
+from daemonkit import DEBOUNCE, epoch, policy_data, read_status, save_policy
 from structlog.testing import capture_logs
 
 from ocrd.config import load_policy
 from ocrd.cycle import run_cycle
 from ocrd.engine import EngineError, NoEngine
 
-DEBOUNCE = 0.1  # reconcile.debounce of the daemons here
 CAP = 5 * DEBOUNCE  # the daemon's cap on settling while events keep coming
 QUIET = CAP + 0.4  # no cycle for this long: the daemon has come to rest
 SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
@@ -289,52 +288,8 @@ def tmpfs() -> Iterator[Callable[[Path, str], None]]:
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def policy_data(model_dir: Path, **overrides: Any) -> dict[str, Any]:
-    """A fast policy: prefix old_ quarantined at any age, 100 ms debounce, engine none.
-
-    A dict override is merged into the section of the same name; anything else replaces it.
-    """
-    data: dict[str, Any] = {
-        "model_dir": str(model_dir),
-        "prune": {
-            "prefixes": ["old_"],
-            "min_age": 0,
-            "max_fraction": 1.0,
-            "max_per_cycle": 100_000,
-        },
-        "engine": {"backend": "none"},
-        "reconcile": {"debounce": f"{round(DEBOUNCE * 1000)}ms", "resync": "1h"},
-    }
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    return data
-
-
-def save_policy(path: Path, data: dict[str, Any]) -> Path:
-    """Save as editors do: a temp file renamed over *path*."""
-    tmp = path.with_name(f".{path.name}.swp")
-    write_policy(tmp, data)
-    os.replace(tmp, path)
-    return path
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def epoch(event: dict[str, Any]) -> float:
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
-def read_status(path: Path) -> dict[str, Any] | None:
-    try:
-        doc: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    return doc
 
 
 def trash_payloads(root: Path) -> dict[str, list[bytes]]:
