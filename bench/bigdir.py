@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -35,27 +36,64 @@ def time_find(model_dir: Path) -> float:
     return time.perf_counter() - start
 
 
+# The least any safe prune of these files can do: list the dir, look at each
+# candidate once (lstat), then unlink it or rename it into a quarantine dir.
+# No policy, no re-check, no logs: the floor under ocrd, not a competitor.
+BARE_LOOP = """
+import os, sys
+root, action = sys.argv[1], sys.argv[2]
+fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+names = [e.name for e in os.scandir(fd) if e.name.startswith("old_")]
+if action == "quarantine":
+    os.mkdir(".q", dir_fd=fd)
+    dest = os.open(".q", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+for name in names:
+    os.lstat(name, dir_fd=fd)
+    if action == "quarantine":
+        os.rename(name, name, src_dir_fd=fd, dst_dir_fd=dest)
+    else:
+        os.unlink(name, dir_fd=fd)
+"""
+
+
+def time_bare(model_dir: Path, action: str) -> float:
+    """Wall time of BARE_LOOP (a fresh Python, like ocrd) on *model_dir*."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", BARE_LOOP, str(model_dir), action], check=True)
+    return time.perf_counter() - start
+
+
 def count_old(model_dir: Path) -> int:
     """How many ``old_*`` entries are still at the top level."""
     with os.scandir(model_dir) as it:
         return sum(1 for e in it if e.name.startswith("old_"))
 
 
-def compare_apply(work: Path, template: Path, action: str, runs: int) -> tuple[float, float, str]:
-    """Median seconds of ``ocrd apply`` and of ``find -delete`` on fresh identical copies."""
-    models, baseline_dir, state = work / "models", work / "baseline", work / "state"
+def compare_apply(
+    work: Path, template: Path, action: str, runs: int
+) -> tuple[float, float, float, str]:
+    """Median seconds of ``ocrd apply``, ``find -delete`` and BARE_LOOP on identical copies."""
+    models, baseline_dir, bare_dir, state = (
+        work / "models",
+        work / "baseline",
+        work / "bare",
+        work / "state",
+    )
     policy = write_policy(
         work / f"policy-{action}.yaml", models, state, prune=prune_policy(action=action)
     )
     ocrd_times: list[float] = []
     find_times: list[float] = []
+    bare_times: list[float] = []
     note = ""
     for i in range(runs):
-        for d in (models, baseline_dir, state):
+        for d in (models, baseline_dir, bare_dir, state):
             remove_tree(d)
         copy_tree(template, models)
         copy_tree(template, baseline_dir)
+        copy_tree(template, bare_dir)
         state.mkdir()
+        bare_times.append(time_bare(bare_dir, action))
         # alternate the order so neither side always runs on a warmer cache
         if i % 2 == 0:
             elapsed, result = ocrd(policy, "apply", check=False)
@@ -67,8 +105,11 @@ def compare_apply(work: Path, template: Path, action: str, runs: int) -> tuple[f
         left = count_old(models)
         if result.returncode != 0 or left:
             note = f"apply exited {result.returncode}, {left} old_* left"
-        log(f"{NAME} {action} run {i + 1}/{runs}: ocrd {elapsed:.3f}s find {find_times[-1]:.3f}s")
-    return median(ocrd_times), median(find_times), note
+        log(
+            f"{NAME} {action} run {i + 1}/{runs}: ocrd {elapsed:.3f}s find {find_times[-1]:.3f}s "
+            f"bare loop {bare_times[-1]:.3f}s"
+        )
+    return median(ocrd_times), median(find_times), median(bare_times), note
 
 
 def time_plan(work: Path, template: Path, runs: int) -> tuple[float, str]:
@@ -97,7 +138,7 @@ def run(quick: bool) -> list[Row]:
         what = f"{total:,} entries, {total // 2:,} old_*, {fs} ({work.parent}), {runs} runs"
         rows = []
         for action, limit in (("delete", 2.0), ("quarantine", 3.0)):
-            o, f, note = compare_apply(work, template, action, runs)
+            o, f, b, note = compare_apply(work, template, action, runs)
             rows.append(
                 Row(
                     NAME,
@@ -109,6 +150,19 @@ def run(quick: bool) -> list[Row]:
                     f,
                     "find -delete",
                     note,
+                )
+            )
+            bare = "unlink" if action == "delete" else "rename into a dir"
+            rows.append(
+                Row(
+                    NAME,
+                    f"apply {action} vs a bare Python loop (scandir, lstat, {bare})",
+                    o,
+                    "s",
+                    "-",
+                    None,
+                    b,
+                    "bare loop",
                 )
             )
         p, note = time_plan(work, template, runs)

@@ -137,9 +137,9 @@ def check(obj: _Context) -> None:
 def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
     """Models with their class, the rule that decided it, size, age and pin."""
     from ocrd import log, render
-    from ocrd.cycle import observe
     from ocrd.model import Class, Pin
     from ocrd.plan import reconcile
+    from ocrd.snapshot import observe
 
     policy = obj.load().policy
     snapshot = observe(policy, log=log.get(), progress=_progress())
@@ -169,16 +169,18 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
 def plan(obj: _Context, as_json: bool, exit_code: bool) -> None:
     """What `apply` would do, with reasons and bytes freed. Changes nothing."""
     from ocrd import log, render
-    from ocrd.cycle import observe
     from ocrd.plan import reconcile
+    from ocrd.snapshot import no_gc_pauses, observe
 
     policy = obj.load().policy
-    snapshot = observe(policy, log=log.get(), progress=_progress())
-    result = reconcile(policy, snapshot, now=time.time())
-    if as_json:
-        click.echo(json.dumps(render.plan_json(str(policy.model_dir), result), indent=2))
-    else:
-        click.echo(render.plan_text(result))
+    with no_gc_pauses():
+        snapshot = observe(policy, log=log.get(), progress=_progress())
+        result = reconcile(policy, snapshot, now=time.time())
+        if as_json:
+            text = json.dumps(render.plan_json(str(policy.model_dir), result), indent=2)
+        else:
+            text = render.plan_text(result)
+    click.echo(text)
     if result.errors:
         sys.exit(EXIT_PROBLEMS)
     sys.exit(EXIT_PENDING if exit_code and result.actions else EXIT_OK)
@@ -335,6 +337,7 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
     root = str(policy.model_dir)
     logger = log.get()
     failed = 0
+    emptied: set[str] = set()  # batches something was purged from
     with DirLock(policy.model_dir):
         now = time.time()
         for item in read_trash(root):
@@ -342,6 +345,7 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
                 continue
             try:
                 executor.purge(root, item.id)
+                emptied.add(item.id.split("/", 1)[0])
             except OSError as exc:
                 failed += 1
                 logger.error("action.failed", model=item.name, action="purge", error=str(exc))
@@ -354,6 +358,11 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
                 reason="ocrd trash purge" + (" --all" if purge_all else ""),
                 dest="deleted",
             )
+        for batch_id in sorted(emptied):
+            try:
+                executor.drop_if_empty(root, batch_id)
+            except OSError as exc:  # the next cycle's recovery tries again
+                logger.error("trash.cleanup_failed", error=str(exc))
     sys.exit(EXIT_PROBLEMS if failed else EXIT_OK)
 
 

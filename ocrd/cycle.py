@@ -12,7 +12,9 @@ from ocrd.engine import Engine
 from ocrd.model import ActionKind, Class, Outcome, Plan, ReportKind, Snapshot
 from ocrd.plan import reconcile
 from ocrd.policy import Policy
-from ocrd.snapshot import HashCache, Progress, scan
+from ocrd.snapshot import Progress, no_gc_pauses, observe
+
+__all__ = ["CycleResult", "no_gc_pauses", "observe", "run_cycle"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,20 +45,6 @@ class CycleResult:
         return found
 
 
-def observe(policy: Policy, *, log: executor.Log, progress: Progress | None = None) -> Snapshot:
-    """Scan the model dir, hashing pinned models through the state dir's cache."""
-    cache = HashCache(policy.state_dir)
-    snapshot = scan(policy.model_dir, pins=policy.pins(), cache=cache, progress=progress)
-    error = cache.save()
-    if error:
-        log.warning(
-            "hashcache.unwritable",
-            error=error,
-            hint="pinned models are re-hashed every cycle until the state dir is writable",
-        )
-    return snapshot
-
-
 def run_cycle(
     policy: Policy,
     *,
@@ -75,55 +63,62 @@ def run_cycle(
     (the daemon's suspicious-view check): the cycle then only reports.
     *stop* is asked before each action; once it says yes the rest are skipped.
     """
-    started = time.monotonic()
-    root = str(policy.model_dir)
-    snapshot = observe(policy, log=log, progress=progress)
-    held_back = gate(snapshot) if gate is not None else None
-    dry_run = dry_run or held_back is not None
-    recovered = () if dry_run else tuple(executor.recover(root, log))
-    plan = reconcile(policy, snapshot, now=clock(), hold=hold)
-    for error in plan.errors:
-        log.error("plan.refused", error=error)
-    for report in plan.reports:
-        if report.kind is ReportKind.MISSING:
-            log.warning("model.missing", model=report.name, reason=report.reason)
-        elif report.kind is ReportKind.CORRUPT:
-            log.warning("model.corrupt", model=report.name, reason=report.reason)
-        elif report.kind is ReportKind.SUSPENDED:
-            log.info("action.planned", model=report.name, reason=report.reason, suspended=True)
-    if dry_run:
-        for action in plan.actions:
-            log.info(
-                "action.planned",
-                action=action.kind.value,
-                model=action.name,
-                reason=action.reason,
-                bytes=action.bytes,
-                dry_run=True,
+    with no_gc_pauses():
+        started = time.monotonic()
+        root = str(policy.model_dir)
+        snapshot = observe(policy, log=log, progress=progress)
+        held_back = gate(snapshot) if gate is not None else None
+        dry_run = dry_run or held_back is not None
+        recovered = (
+            ()
+            if dry_run
+            else tuple(executor.recover(root, log, names=(e.name for e in snapshot.entries)))
+        )
+        plan = reconcile(policy, snapshot, now=clock(), hold=hold)
+        for error in plan.errors:
+            log.error("plan.refused", error=error)
+        for report in plan.reports:
+            if report.kind is ReportKind.MISSING:
+                log.warning("model.missing", model=report.name, reason=report.reason)
+            elif report.kind is ReportKind.CORRUPT:
+                log.warning("model.corrupt", model=report.name, reason=report.reason)
+            elif report.kind is ReportKind.SUSPENDED:
+                log.info("action.planned", model=report.name, reason=report.reason, suspended=True)
+        if dry_run:
+            for action in plan.actions:
+                log.info(
+                    "action.planned",
+                    action=action.kind.value,
+                    model=action.name,
+                    reason=action.reason,
+                    bytes=action.bytes,
+                    dry_run=True,
+                )
+            outcome = Outcome()
+        else:
+            outcome = executor.apply(
+                plan, root=root, engine=engine, log=log, clock=clock, stop=stop
             )
-        outcome = Outcome()
-    else:
-        outcome = executor.apply(plan, root=root, engine=engine, log=log, clock=clock, stop=stop)
-    result = CycleResult(
-        snapshot,
-        plan,
-        outcome,
-        recovered,
-        round((time.monotonic() - started) * 1000, 1),
-        held_back,
-    )
-    log.info(
-        "cycle.finished",
-        models=sum(
-            1 for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED
-        ),
-        planned=len(plan.actions),
-        done=len(outcome.done),
-        failed=len(outcome.failed),
-        skipped=len(outcome.skipped),
-        bytes_freed=sum(a.bytes for a in outcome.done if a.kind is not ActionKind.RESTORE),
-        suspended=plan.suspended,
-        dry_run=dry_run,
-        duration_ms=result.duration_ms,
-    )
-    return result
+        result = CycleResult(
+            snapshot,
+            plan,
+            outcome,
+            recovered,
+            round((time.monotonic() - started) * 1000, 1),
+            held_back,
+        )
+        log.info(
+            "cycle.finished",
+            models=sum(
+                1 for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED
+            ),
+            planned=len(plan.actions),
+            done=len(outcome.done),
+            failed=len(outcome.failed),
+            skipped=len(outcome.skipped),
+            bytes_freed=sum(a.bytes for a in outcome.done if a.kind is not ActionKind.RESTORE),
+            suspended=plan.suspended,
+            dry_run=dry_run,
+            duration_ms=result.duration_ms,
+        )
+        return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import heapq
 import json
 import os
 import secrets
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ocrd import log as logconf
 from ocrd import snapshot as snap
 from ocrd.engine import Engine
 from ocrd.handles import HandleIndex, Holder, build_index
@@ -44,6 +46,7 @@ from ocrd.model import (
 TMP_PREFIX = ".ocrd-tmp-"
 DELETING_PREFIX = ".ocrd-deleting-"
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
+LISTED = 50  # names per list in a log line
 
 Log = Any  # a structlog bound logger
 IndexFn = Callable[[set[int]], HandleIndex]
@@ -114,28 +117,32 @@ def _trash_dir(root: str) -> str:
         st = os.lstat(path)
     except FileNotFoundError:
         os.mkdir(path, 0o700)
+        _fsync_dir(root)
         return path
     if not stat.S_ISDIR(st.st_mode):
         raise ActionError(f"{path} is not a directory; refusing to quarantine into it")
     return path
 
 
-def _write_json(path: str, data: dict[str, Any], *, durable: bool = True) -> None:
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    """Write *path* durably: a flushed temp file renamed over it."""
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump(data, fh)
-        if durable:
-            fh.flush()
-            os.fsync(fh.fileno())
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
 
 
-def check_unchanged(root: str, entry: Entry) -> None:
-    """Raise Changed unless the entry still looks as it did in the snapshot."""
+def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> None:
+    """Raise Changed unless the entry still looks as it did in the snapshot.
+
+    With *dir_fd* (the model dir, open) the entry is looked up relative to it.
+    """
     path = f"{root}/{entry.name}"  # names never hold "/"; join() is slow at 50,000 calls
     try:
-        st = os.lstat(path)
+        st = os.lstat(path) if dir_fd is None else os.lstat(entry.name, dir_fd=dir_fd)
     except FileNotFoundError:
         raise Changed("vanished since the scan") from None
     if snap.kind_of(st.st_mode) is not entry.kind or st.st_ino != entry.inode:
@@ -150,30 +157,82 @@ def check_unchanged(root: str, entry: Entry) -> None:
             raise Changed("modified since the scan")
 
 
+class QuarantineBatch:
+    """One cycle's quarantine directory, `.ocrd-trash/<id>/`.
+
+    Its record lists every model the cycle may move in and is durable before
+    the first one moves, so quarantining a model is then a single rename: a
+    model in the directory always has its record, and a listed model that is
+    not there simply never moved (or was restored or purged since).
+    """
+
+    def __init__(self, root: str, items: list[dict[str, Any]], *, now: float) -> None:
+        """*items*: what may move in, each {name, reason, size, sha256} (see record_item)."""
+        trash = _trash_dir(root)
+        self.id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
+        self.path = os.path.join(trash, self.id)
+        self.moved = 0
+        os.mkdir(self.path, 0o700)
+        try:
+            _write_json(
+                os.path.join(self.path, snap.RECORD),
+                {"version": 2, "trashed_at": now, "items": items},
+            )
+            _fsync_dir(self.path)
+            _fsync_dir(trash)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            shutil.rmtree(self.path, ignore_errors=True)  # nothing moved in yet
+            raise
+
+    def move(self, root_fd: int, name: str) -> str:
+        """Rename *name* from the model dir into the batch; returns its trash id."""
+        os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=self._fd)
+        self.moved += 1
+        return f"{self.id}/{name}"
+
+    def close(self, root: str, sync: Sync) -> None:
+        """Flush the moves (or, if nothing moved, remove the batch again)."""
+        os.close(self._fd)
+        if self.moved:
+            sync.dir(self.path)
+        else:
+            drop_if_empty(root, self.id)
+
+
+def record_item(name: str, reason: str, size: int, sha256: str | None) -> dict[str, Any]:
+    """One model's line in a quarantine record."""
+    return {"name": name, "reason": reason, "size": size, "sha256": sha256}
+
+
 def quarantine(
-    root: str,
-    name: str,
-    *,
-    reason: str,
-    size: int,
-    sha256: str | None,
-    now: float,
-    sync: Sync = NOW_SYNC,
+    root: str, name: str, *, reason: str, size: int, sha256: str | None, now: float
 ) -> str:
-    """Move root/name into .ocrd-trash/<id>/name with a record; returns the id."""
-    trash = _trash_dir(root)
-    item_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
-    item = os.path.join(trash, item_id)
-    os.mkdir(item, 0o700)
-    record = {"name": name, "trashed_at": now, "reason": reason, "size": size, "sha256": sha256}
-    # A record lost to a power cut leaves a payload without a record: kept, never lost.
-    _write_json(os.path.join(item, snap.RECORD), record, durable=not sync.batch)
-    os.rename(os.path.join(root, name), os.path.join(item, name))
-    # The rename is one journal transaction covering both directories: flushing the
-    # trash and the model dir (once per cycle when batched) makes it durable.
-    sync.dir(trash)
-    sync.dir(root)
+    """Move root/name into a quarantine batch of its own; returns its trash id."""
+    batch = QuarantineBatch(root, [record_item(name, reason, size, sha256)], now=now)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        item_id = batch.move(root_fd, name)
+    finally:
+        os.close(root_fd)
+        batch.close(root, NOW_SYNC)
+    _fsync_dir(root)
     return item_id
+
+
+def drop_if_empty(root: str, batch_id: str) -> bool:
+    """Remove a quarantine batch that holds no model any more (only its record)."""
+    path = os.path.join(root, snap.TRASH, batch_id)
+    try:
+        batch = snap.read_batch(path)
+    except FileNotFoundError:
+        return False
+    if batch.payloads:
+        return False
+    hidden = os.path.join(root, _hidden_name(DELETING_PREFIX))
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
+    return True
 
 
 def delete(root: str, name: str, kind: Kind, *, sync: Sync = NOW_SYNC) -> None:
@@ -189,13 +248,21 @@ def delete(root: str, name: str, kind: Kind, *, sync: Sync = NOW_SYNC) -> None:
         sync.dir(root)
 
 
-def purge(root: str, item_id: str) -> None:
-    """Remove one quarantine item for good (renamed out of the trash first)."""
-    item = os.path.join(root, snap.TRASH, item_id)
-    hidden = os.path.join(root, _hidden_name(DELETING_PREFIX))
-    os.rename(item, hidden)
-    _fsync_dir(root)
-    shutil.rmtree(hidden)
+def purge(root: str, item_id: str, *, sync: Sync = NOW_SYNC) -> None:
+    """Remove one quarantined model for good (a directory is renamed out first).
+
+    The caller drops the batch once it is empty (drop_if_empty).
+    """
+    batch_id, name = item_id.split("/", 1)
+    path = os.path.join(root, snap.TRASH, batch_id, name)
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        hidden = os.path.join(root, _hidden_name(DELETING_PREFIX))
+        os.rename(path, hidden)
+        _fsync_dir(root)
+        shutil.rmtree(hidden)
+    else:
+        os.unlink(path)
+        sync.dir(os.path.dirname(path))
 
 
 def restore_from_trash(root: str, item: TrashItem, *, as_name: str | None = None) -> str:
@@ -204,12 +271,11 @@ def restore_from_trash(root: str, item: TrashItem, *, as_name: str | None = None
     target = os.path.join(root, name)
     if os.path.lexists(target):
         raise ActionError(f"{name!r} already exists in the model dir; move it away first")
-    src = os.path.join(root, snap.TRASH, item.id, item.name)
+    batch_id = item.id.split("/", 1)[0]
+    src = os.path.join(root, snap.TRASH, item.id)
     os.rename(src, target)
     _fsync_dir(root)
-    hidden = os.path.join(root, _hidden_name(DELETING_PREFIX))
-    os.rename(os.path.join(root, snap.TRASH, item.id), hidden)
-    shutil.rmtree(hidden)
+    drop_if_empty(root, batch_id)
     return name
 
 
@@ -294,14 +360,22 @@ def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | N
     return total, sha, old_id
 
 
-def recover(root: str, log: Log) -> list[str]:
-    """Finish or roll back what a crash left behind; returns what was cleaned."""
+def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[str]:
+    """Finish or roll back what a crash left behind; returns what was cleaned.
+
+    *names*: the model dir's entries if the caller has just listed them.
+    """
     cleaned = []
-    with os.scandir(root) as it:
-        leftovers = [c.name for c in it if c.name.startswith((TMP_PREFIX, DELETING_PREFIX))]
+    if names is None:
+        with os.scandir(root) as it:
+            names = [c.name for c in it]
+    prefixes = (TMP_PREFIX, DELETING_PREFIX)
+    leftovers = [n for n in names if n.startswith(prefixes)]
     for name in sorted(leftovers):
         try:
             _remove_tree(os.path.join(root, name))
+        except FileNotFoundError:
+            continue
         except OSError as exc:
             log.error("recovery.failed", path=name, error=str(exc))
             continue
@@ -310,49 +384,47 @@ def recover(root: str, log: Log) -> list[str]:
         cleaned.append(name)
     trash = os.path.join(root, snap.TRASH)
     try:
-        items = list(os.scandir(trash))
+        batches = sorted(os.scandir(trash), key=lambda c: c.name)
     except (FileNotFoundError, NotADirectoryError):
-        items = []
-    for child in items:
-        if not child.is_dir(follow_symlinks=False):
+        batches = []
+    for child in batches:
+        if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
             continue
-        contents = set(os.listdir(child.path))
-        record = os.path.join(child.path, snap.RECORD)
-        payload_name = None
-        if snap.RECORD in contents:
-            try:
-                with open(record, encoding="utf-8") as fh:
-                    payload_name = str(json.load(fh)["name"])
-            except (OSError, ValueError, KeyError, TypeError):
-                payload_name = None
-        payload = contents - {snap.RECORD, snap.RECORD + ".tmp"}
-        if payload_name is not None and payload_name in payload:
-            continue  # a complete item
-        if payload:
+        where = f"{snap.TRASH}/{child.name}"
+        try:
+            batch = snap.read_batch(child.path)
+        except OSError as exc:
+            log.error("recovery.failed", path=where, error=str(exc))
+            continue
+        unlisted = batch.payloads - set(batch.items or ())
+        if unlisted:
             log.warning(
                 "recovery.kept",
-                path=f"{snap.TRASH}/{child.name}",
-                reason="quarantine item without a readable record; left for an operator",
+                path=where,
+                unlisted=sorted(unlisted)[:LISTED],
+                reason="quarantined entries without a readable record; left for an operator",
             )
             continue
+        if batch.payloads:
+            continue  # complete: every model in it is in its record
         try:
-            shutil.rmtree(child.path)
+            drop_if_empty(root, child.name)
         except OSError as exc:
-            log.error("recovery.failed", path=f"{snap.TRASH}/{child.name}", error=str(exc))
+            log.error("recovery.failed", path=where, error=str(exc))
             continue
         log.info(
             "recovery.removed",
-            path=f"{snap.TRASH}/{child.name}",
-            what="incomplete quarantine item (the model never moved)",
+            path=where,
+            what="quarantine batch without models (none moved, or all restored or purged)",
         )
-        cleaned.append(f"{snap.TRASH}/{child.name}")
+        cleaned.append(where)
     return cleaned
 
 
 def _target_path(root: str, action: Action) -> str | None:
     if action.kind is ActionKind.PURGE:
         assert action.trash_id is not None
-        return f"{root}/{snap.TRASH}/{action.trash_id}/{action.name}"
+        return f"{root}/{snap.TRASH}/{action.trash_id}"
     if action.entry is not None:
         return f"{root}/{action.name}"
     return None
@@ -380,36 +452,95 @@ def _holders_text(holders: Iterable[Holder]) -> str:
     return ", ".join(f"pid {h.pid} ({h.name}, {h.how})" for h in holders)
 
 
-def _act(root: str, action: Action, *, now: float, log: Log, sync: Sync) -> None:
-    if action.kind is ActionKind.PRUNE:
-        assert action.entry is not None
-        check_unchanged(root, action.entry)
+def _find_holders(
+    root: str, actions: tuple[Action, ...], index: IndexFn | None
+) -> tuple[dict[int, list[Holder]], HandleIndex]:
+    """Who holds each action's target (by action number): one /proc index for all."""
+    files: dict[int, tuple[tuple[int, int], str]] = {}  # action -> (device, inode), name
+    trees: dict[int, tuple[set[tuple[int, int]], set[str]]] = {}
+    devices: set[int] = set()
+    for i, action in enumerate(actions):
+        entry = action.entry
+        if entry is not None and entry.kind is not Kind.DIR and action.kind is not ActionKind.PURGE:
+            # A file as scanned; if it is another inode by now, check_unchanged skips it.
+            files[i] = ((entry.device, entry.inode), action.name)
+            devices.add(entry.device)
+            continue
+        path = _target_path(root, action)
+        if path is None:
+            continue
+        try:
+            trees[i] = snap.tree_members(path)
+        except FileNotFoundError:
+            continue
+        devices.update(dev for dev, _ in trees[i][0])
+    if not devices:
+        handle_index = HandleIndex()
+    elif index is None:
+        handle_index = build_index(devices, roots=(root,))
+    else:
+        handle_index = index(devices)
+    by_key, by_path = handle_index.holders, handle_index.paths
+    held = {}
+    for i, (key, name) in files.items():
+        if key in by_key or (by_path and f"{root}/{name}" in by_path):
+            held[i] = handle_index.who({key}, {f"{root}/{name}"})
+    for i, (keys, paths) in trees.items():
+        holders = handle_index.who(keys, paths)
+        if holders:
+            held[i] = holders
+    return held, handle_index
+
+
+class _Acting:
+    """The state of one apply's action loop: the open model dir, the batch, the syncs."""
+
+    def __init__(self, root: str, *, log: Log, now: float, quarantined: list[Action]) -> None:
+        self.root, self.log, self.now = root, log, now
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.sync = Sync(batch=True)
+        self.sync.dir(root)  # whatever the actions do there is flushed once, at the end
+        self.quarantined = quarantined  # what the batch record lists
+        self.batch: QuarantineBatch | None = None
+        self.batch_error: str | None = None  # why this cycle's batch could not be made
+        self.emptied: set[str] = set()  # batches a purge took something out of
+        self.pruned = logconf.emitter(
+            log, "info", "model.pruned", ("model", "reason", "bytes", "dest", "mode")
+        )
+
+    def prune(self, action: Action) -> None:
+        entry = action.entry
+        assert entry is not None
+        check_unchanged(self.root, entry, dir_fd=self.fd)
         if action.mode == "delete":
-            delete(root, action.name, action.entry.kind, sync=sync)
+            if entry.kind is Kind.DIR:
+                delete(self.root, action.name, entry.kind, sync=self.sync)
+            else:
+                os.unlink(action.name, dir_fd=self.fd)  # flushed with the dir at the end
             dest = "deleted"
         else:
-            item_id = quarantine(
-                root,
-                action.name,
-                reason=action.reason,
-                size=action.entry.size,
-                sha256=action.entry.sha256,
-                now=now,
-                sync=sync,
-            )
-            dest = f"{snap.TRASH}/{item_id}"
-        log.info(
-            "model.pruned",
-            model=action.name,
-            reason=action.reason,
-            bytes=action.entry.size,
-            dest=dest,
-            mode=action.mode,
-        )
-    elif action.kind is ActionKind.PURGE:
+            if self.batch_error is not None:
+                raise ActionError(self.batch_error)
+            if self.batch is None:
+                listed = [
+                    record_item(a.name, a.reason, a.entry.size, a.entry.sha256)
+                    for a in self.quarantined
+                    if a.entry is not None
+                ]
+                try:
+                    self.batch = QuarantineBatch(self.root, listed, now=self.now)
+                except (OSError, ActionError) as exc:
+                    # Nothing moved; the rest of the cycle's quarantines fail fast, alike.
+                    self.batch_error = f"cannot set up the quarantine dir: {exc}"
+                    raise ActionError(self.batch_error) from exc
+            dest = f"{snap.TRASH}/{self.batch.move(self.fd, action.name)}"
+        self.pruned(action.name, action.reason, entry.size, dest, action.mode)
+
+    def purge(self, action: Action) -> None:
         assert action.trash_id is not None
-        purge(root, action.trash_id)
-        log.info(
+        purge(self.root, action.trash_id, sync=self.sync)
+        self.emptied.add(action.trash_id.split("/", 1)[0])
+        self.log.info(
             "trash.purged",
             model=action.name,
             reason=action.reason,
@@ -417,9 +548,10 @@ def _act(root: str, action: Action, *, now: float, log: Log, sync: Sync) -> None
             dest="deleted",
             trash_id=action.trash_id,
         )
-    else:
-        total, sha, old_id = restore(root, action, now=now)
-        log.info(
+
+    def restore(self, action: Action, now: float) -> None:
+        total, sha, old_id = restore(self.root, action, now=now)
+        self.log.info(
             "model.restored",
             model=action.name,
             reason=action.reason,
@@ -430,11 +562,21 @@ def _act(root: str, action: Action, *, now: float, log: Log, sync: Sync) -> None
             replaced=(f"{snap.TRASH}/{old_id}" if old_id else None),
         )
 
+    def close(self) -> None:
+        """Flush what moved; drop batches left empty. Errors are logged, not raised."""
+        try:
+            if self.batch is not None:
+                self.batch.close(self.root, self.sync)
+            for batch_id in sorted(self.emptied):
+                drop_if_empty(self.root, batch_id)
+            self.sync.flush()
+        except OSError as exc:
+            self.log.error("trash.cleanup_failed", error=str(exc))
+        finally:
+            os.close(self.fd)
 
-LISTED = 50  # names per list in a log line
 
-
-def _models_after(plan: Plan, result: _Result) -> list[str]:
+def _models_after(plan: Plan, result: _Result) -> set[str]:
     """ocrd's own listing after the actions: what it scanned, minus prunes, plus restores."""
     names = {c.name for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED}
     for action in result.done:
@@ -442,11 +584,16 @@ def _models_after(plan: Plan, result: _Result) -> list[str]:
             names.discard(action.name)
         elif action.kind is ActionKind.RESTORE:
             names.add(action.name)
-    return sorted(names)
+    return names
+
+
+def _first(names: set[str]) -> list[str]:
+    """The first LISTED names in order, without sorting them all."""
+    return heapq.nsmallest(LISTED, names)
 
 
 def _open_and_compare(
-    engine: Engine, root: str, *, log: Log, release_ms: float, ours: list[str]
+    engine: Engine, root: str, *, log: Log, release_ms: float, ours: set[str]
 ) -> None:
     """Start the engine again and log its view of the models next to ocrd's."""
     started = time.monotonic()
@@ -458,12 +605,12 @@ def _open_and_compare(
     for path in listed:
         rel = os.path.relpath(path, where) if where else path
         seen.add(rel.split(os.sep, 1)[0])
-    if engine.name != "none" and seen != set(ours):
+    if engine.name != "none" and seen != ours:
         log.warning(
             "engine.listing_differs",
             engine=engine.name,
-            only_engine=sorted(seen - set(ours))[:LISTED],
-            only_ocrd=sorted(set(ours) - seen)[:LISTED],
+            only_engine=_first(seen - ours),
+            only_ocrd=_first(ours - seen),
             hint="expected without a licence: the library then lists only its default model; "
             "ocrd's own scan is what it acts on",
         )
@@ -474,11 +621,65 @@ def _open_and_compare(
         release_ms=release_ms,
         open_ms=open_ms,
         local_path=where,
-        engine_models=sorted(seen)[:LISTED],
+        engine_models=_first(seen),
         engine_count=len(seen),
-        ocrd_models=ours[:LISTED],
+        ocrd_models=_first(ours),
         ocrd_count=len(ours),
     )
+
+
+def _run_actions(
+    acting: _Acting,
+    actions: tuple[Action, ...],
+    held: dict[int, list[Holder]],
+    result: _Result,
+    *,
+    clock: Callable[[], float],
+    stop: Callable[[], bool] | None,
+) -> None:
+    """Each action in order; one that fails or is skipped never stops the others."""
+    log = acting.log
+    done, skipped = result.done.append, result.skipped.append
+    prune, purge_kind = ActionKind.PRUNE, ActionKind.PURGE
+    for i, action in enumerate(actions):
+        if stop is not None and stop():
+            log.info(
+                "action.skipped",
+                model=action.name,
+                action=action.kind.value,
+                reason="shutting down",
+            )
+            skipped((action, "shutting down"))
+            continue
+        if i in held:
+            text = _holders_text(held[i])
+            log.warning(
+                "model.busy",
+                model=action.name,
+                action=action.kind.value,
+                holders=text,
+                pids=[h.pid for h in held[i]],
+            )
+            result.busy.append(Report(ReportKind.BUSY, action.name, f"held by {text}"))
+            skipped((action, f"busy: held by {text}"))
+            continue
+        try:
+            if action.kind is prune:
+                acting.prune(action)
+            elif action.kind is purge_kind:
+                acting.purge(action)
+            else:
+                acting.restore(action, clock())
+        except Changed as exc:
+            log.warning(
+                "model.changed", model=action.name, action=action.kind.value, reason=str(exc)
+            )
+            skipped((action, str(exc)))
+        except (OSError, ActionError) as exc:
+            log.error("action.failed", model=action.name, action=action.kind.value, error=str(exc))
+            result.failed.append((action, str(exc)))
+        else:
+            done(action)
 
 
 def apply(
@@ -494,79 +695,38 @@ def apply(
     """Run the engine cycle around *plan*'s actions; see the module docstring."""
     root = str(root)
     result = _Result()
-    if not plan.actions:
+    actions = plan.actions
+    if not actions:
         return result.outcome()
+    log = log.bind()  # one bound logger for the whole cycle, not one per line
 
     started = time.monotonic()
     try:
         engine.release()
     except Exception as exc:  # any engine failure means: do nothing destructive
-        log.error(
-            "engine.release_failed", engine=engine.name, error=str(exc), skipped=len(plan.actions)
-        )
-        result.skipped.extend((a, "engine release failed") for a in plan.actions)
+        log.error("engine.release_failed", engine=engine.name, error=str(exc), skipped=len(actions))
+        result.skipped.extend((a, "engine release failed") for a in actions)
         return result.outcome(engine_error=f"release failed: {exc}")
     released_ms = round((time.monotonic() - started) * 1000, 1)
 
-    targets: dict[int, tuple[set[tuple[int, int]], set[str]]] = {}
-    for i, action in enumerate(plan.actions):
-        path = _target_path(root, action)
-        if path is None:
-            continue
-        entry = action.entry
-        if entry is not None and entry.kind is not Kind.DIR and action.kind is not ActionKind.PURGE:
-            # A file as scanned; if it is another inode by now, check_unchanged skips it.
-            targets[i] = ({(entry.device, entry.inode)}, {path})
-            continue
-        try:
-            targets[i] = snap.tree_members(path)
-        except FileNotFoundError:
-            targets[i] = (set(), set())
-    devices = {dev for keys, _ in targets.values() for dev, _ in keys}
-    if index is None:
-        handle_index = build_index(devices, roots=(root,)) if devices else HandleIndex()
+    held, handle_index = _find_holders(root, actions, index)
+    quarantined = [
+        a
+        for i, a in enumerate(actions)
+        if a.kind is ActionKind.PRUNE and a.mode != "delete" and i not in held
+    ]
+    try:
+        acting = _Acting(root, log=log, now=clock(), quarantined=quarantined)
+    except OSError as exc:
+        log.error("action.failed", model=root, action="open model dir", error=str(exc))
+        result.failed.extend((a, str(exc)) for a in actions)
     else:
-        handle_index = index(devices) if devices else HandleIndex()
-
-    sync = Sync(batch=True)
-    for i, action in enumerate(plan.actions):
-        if stop is not None and stop():
-            log.info(
-                "action.skipped",
-                model=action.name,
-                action=action.kind.value,
-                reason="shutting down",
-            )
-            result.skipped.append((action, "shutting down"))
-            continue
-        keys, paths = targets.get(i, (set(), set()))
-        holders = handle_index.who(keys, paths)
-        if holders:
-            text = _holders_text(holders)
-            log.warning(
-                "model.busy",
-                model=action.name,
-                action=action.kind.value,
-                holders=text,
-                pids=[h.pid for h in holders],
-            )
-            result.busy.append(Report(ReportKind.BUSY, action.name, f"held by {text}"))
-            result.skipped.append((action, f"busy: held by {text}"))
-            continue
         try:
-            _act(root, action, now=clock(), log=log, sync=sync)
-        except Changed as exc:
-            log.warning(
-                "model.changed", model=action.name, action=action.kind.value, reason=str(exc)
-            )
-            result.skipped.append((action, str(exc)))
-        except (OSError, ActionError) as exc:
-            log.error("action.failed", model=action.name, action=action.kind.value, error=str(exc))
-            result.failed.append((action, str(exc)))
-        else:
-            result.done.append(action)
+            with logconf.batched():  # 50,000 prune lines: written in blocks, not one by one
+                _run_actions(acting, actions, held, result, clock=clock, stop=stop)
+        finally:
+            acting.close()
 
-    sync.flush()
     engine_error = None
     try:
         _open_and_compare(

@@ -30,12 +30,14 @@ def iso(ts: float) -> str:
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns separated by two spaces; numbers stay as given."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    columns = list(zip(*rows, strict=True)) if rows else [() for _ in headers]
+    if len(columns) != len(headers):
+        raise ValueError(f"rows have {len(columns)} cells, headers {len(headers)}")
+    widths = [max([len(h), *map(len, col)]) for h, col in zip(headers, columns, strict=True)]
+    line = "  ".join(f"{{:<{w}}}" for w in widths[:-1]) + ("  {}" if len(widths) > 1 else "{}")
+    out = [line.format(*(h.upper() for h in headers)).rstrip()]
+    out += [line.format(*row).rstrip() for row in rows]
+    return "\n".join(out)
 
 
 def _age(c: Classified, now: float) -> float | None:

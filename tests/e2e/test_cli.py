@@ -427,7 +427,10 @@ def test_list_shows_corrupt_pin_and_exits_1(run_ocrd, root):
 
 
 def fake_trash_item(root: Path, item_id: str, name: str, data: bytes, *, age: float) -> Path:
-    """A quarantine item as apply writes it: .ocrd-trash/ID/{NAME, record.json}."""
+    """A legacy (v1) quarantine item, as an older ocrd wrote it: .ocrd-trash/ID/{NAME, record.json}.
+
+    ocrd still reads these; its trash id is `ID/NAME`.
+    """
     item = root / ".ocrd-trash" / item_id
     item.mkdir(parents=True)
     (item / name).write_bytes(data)
@@ -524,7 +527,7 @@ def test_plan_json_has_the_documented_schema(run_ocrd, root):
     purge = actions["purge"]
     assert (purge["model"], purge["trash_id"], purge["bytes"]) == (
         "old_gone.bin",
-        "20200101T000000Z-abcd0123",
+        "20200101T000000Z-abcd0123/old_gone.bin",
         7,
     )
     assert all(set(rep) == {"kind", "model", "reason"} for rep in doc["reports"])
@@ -616,17 +619,26 @@ def test_apply_quarantines_old_prefixed_models_and_keeps_the_rest(run_ocrd, root
         assert (root / name).read_bytes() == data, name
     logged = {e["model"]: e for e in events(r.out, "model.pruned")}
     assert set(logged) == set(pruned)
+    batches: set[str] = set()
     for name, data in pruned.items():
         assert not (root / name).exists()
         line = logged[name]
         assert line["bytes"] == len(data)
         assert line["reason"].startswith(f"prefix '{name[:4]}', 2h")
-        assert re.fullmatch(r"\.ocrd-trash/[^/]+", line["dest"]), line
-        item = root / line["dest"]
-        assert (item / name).read_bytes() == data
-        record = json.loads((item / "record.json").read_text(encoding="utf-8"))
-        assert (record["name"], record["size"]) == (name, len(data))
+        match = re.fullmatch(r"\.ocrd-trash/([^/]+)/([^/]+)", line["dest"])
+        assert match and match.group(2) == name, line
+        batches.add(match.group(1))
+        assert (root / line["dest"]).read_bytes() == data
+        batch = root / ".ocrd-trash" / match.group(1)
+        record = json.loads((batch / ".ocrd-record.json").read_text(encoding="utf-8"))
+        assert record["version"] == 2
+        (listed,) = [i for i in record["items"] if i["name"] == name]
+        assert listed["size"] == len(data)
         assert abs(record["trashed_at"] - time.time()) < 60
+    (batch_id,) = batches  # one apply, one batch
+    assert sorted(os.listdir(root / ".ocrd-trash" / batch_id)) == sorted(
+        [".ocrd-record.json", *pruned]
+    )
 
 
 def test_apply_deletes_files_dirs_and_links_with_action_delete(run_ocrd, root, tmp_path):
@@ -692,8 +704,8 @@ def test_apply_replaces_corrupt_pinned_model_and_quarantines_the_old(run_ocrd, r
     assert r.code == 0, r
     assert (root / "en.bin").read_bytes() == data
     (line,) = events(r.out, "model.restored")
-    assert line["replaced"].startswith(".ocrd-trash/")
-    assert (root / line["replaced"] / "en.bin").read_bytes() == b"bit rot"
+    assert re.fullmatch(r"\.ocrd-trash/[^/]+/en\.bin", line["replaced"]), line
+    assert (root / line["replaced"]).read_bytes() == b"bit rot"
 
 
 def test_apply_never_installs_a_source_that_fails_its_pin(run_ocrd, root, tmp_path):

@@ -1,6 +1,7 @@
 """End-to-end tests of `ocrd trash list | restore | purge` on a real quarantine (DESIGN §4, §6).
 
-Every quarantine item here is made by a real `ocrd apply`.
+Every quarantine item here is made by a real `ocrd apply`, except the legacy (v1) ones, built
+by hand as an older ocrd wrote them.
 """
 
 from __future__ import annotations
@@ -54,8 +55,14 @@ def events(out: str, event: str) -> list[dict[str, Any]]:
     return [r for r in json_lines(out) if r["event"] == event]
 
 
+RECORD = ".ocrd-record.json"  # a batch's record (v2); `record.json` was one item's (v1)
+
+
 def quarantine(run_ocrd: Any, root: Path, config: Path, models: dict[str, bytes]) -> dict[str, str]:
-    """Create *models* (old enough to prune), run `ocrd apply`; returns {name: trash id}."""
+    """Create *models* (old enough to prune), run `ocrd apply`; returns {name: trash id}.
+
+    One apply quarantines into one batch: every id is `<batch>/<name>` with the same batch.
+    """
     if not (root / "en.bin").exists():
         make_model(root, "en.bin", b"required", age=OLD)
     for name, data in models.items():
@@ -64,21 +71,37 @@ def quarantine(run_ocrd: Any, root: Path, config: Path, models: dict[str, bytes]
     assert r.code == 0, r
     ids = {}
     for line in events(r.out, "model.pruned"):
-        match = re.fullmatch(r"\.ocrd-trash/([^/]+)", line["dest"])
+        match = re.fullmatch(r"\.ocrd-trash/(([^/]+)/([^/]+))", line["dest"])
         assert match, line
+        assert match.group(3) == line["model"], line
         ids[line["model"]] = match.group(1)
     assert set(ids) == set(models)
+    assert len({batch_of(i) for i in ids.values()}) == 1, ids
     return ids
 
 
+def batch_of(item_id: str) -> str:
+    """The batch directory of a trash id `<batch>/<name>`."""
+    return item_id.split("/", 1)[0]
+
+
 def trash_ids(root: Path) -> set[str]:
+    """Ids of the models in the quarantine on disk: every entry of a batch dir but its record."""
+    trash = root / ".ocrd-trash"
+    if not trash.exists():
+        return set()
+    return {f"{b.name}/{p.name}" for b in trash.iterdir() for p in b.iterdir() if p.name != RECORD}
+
+
+def batches(root: Path) -> set[str]:
+    """The batch directories in the quarantine."""
     trash = root / ".ocrd-trash"
     return {p.name for p in trash.iterdir()} if trash.exists() else set()
 
 
-def age_item(root: Path, item_id: str, seconds: float) -> None:
-    """Pretend the item was quarantined *seconds* ago by editing its record.json."""
-    record_path = root / ".ocrd-trash" / item_id / "record.json"
+def age_batch(root: Path, item_id: str, seconds: float) -> None:
+    """Pretend the item's batch was quarantined *seconds* ago by editing its record."""
+    record_path = root / ".ocrd-trash" / batch_of(item_id) / RECORD
     record = json.loads(record_path.read_text(encoding="utf-8"))
     record["trashed_at"] = time.time() - seconds
     record_path.write_text(json.dumps(record), encoding="utf-8")
@@ -138,6 +161,7 @@ def test_trash_restore_by_name_puts_back_the_newest_copy(run_ocrd, root, config)
     assert r.code == 0, r
     assert (root / "old_a.bin").read_bytes() == b"version 2"
     assert trash_ids(root) == {first["old_a.bin"]}
+    assert batches(root) == {batch_of(first["old_a.bin"])}  # the emptied batch is gone
     (line,) = events(r.out, "trash.restored")
     assert (line["model"], line["trash_id"], line["bytes"], line["dest"]) == (
         "old_a.bin",
@@ -155,6 +179,7 @@ def test_trash_restore_by_id(run_ocrd, root, config):
     assert r.code == 0, r
     assert (root / "old_a.bin").read_bytes() == b"version 1"
     assert trash_ids(root) == {second["old_a.bin"]}
+    assert batches(root) == {batch_of(second["old_a.bin"])}
 
 
 def test_trash_restore_refuses_to_overwrite_an_existing_name(run_ocrd, root, config):
@@ -164,8 +189,8 @@ def test_trash_restore_refuses_to_overwrite_an_existing_name(run_ocrd, root, con
     r = run_ocrd("--config", config, "trash", "restore", "old_a.bin")
     assert r.code == 1, r
     assert (root / "old_a.bin").read_bytes() == b"newer, in place"
-    item = root / ".ocrd-trash" / ids["old_a.bin"]
-    assert (item / "old_a.bin").read_bytes() == b"quarantined"
+    assert (root / ".ocrd-trash" / ids["old_a.bin"]).read_bytes() == b"quarantined"
+    assert trash_ids(root) == {ids["old_a.bin"]}
     assert "already exists" in r.out + r.err
     assert "Traceback" not in r.err
 
@@ -178,6 +203,7 @@ def test_trash_restore_as_another_name(run_ocrd, root, config):
     assert (root / "keep_a.bin").read_bytes() == b"quarantined"
     assert not (root / "old_a.bin").exists()
     assert trash_ids(root) == set()
+    assert batches(root) == set()
     (line,) = events(r.out, "trash.restored")
     assert line["model"] == "keep_a.bin"
     assert "warning" not in r.err
@@ -206,6 +232,48 @@ def test_trash_restore_warns_when_the_model_would_be_pruned_again(run_ocrd, root
     assert "--as" in line
 
 
+def test_trash_restore_one_of_a_batch_leaves_the_other(run_ocrd, root, config):
+    """Restoring one model of a two-model batch leaves the other listed and restorable."""
+    ids = quarantine(run_ocrd, root, config, {"old_a.bin": b"stale a", "old_b.bin": b"stale b"})
+    r = run_ocrd("--config", config, "trash", "restore", ids["old_a.bin"], "--as", "a.bin")
+    assert r.code == 0, r
+    assert (root / "a.bin").read_bytes() == b"stale a"
+    assert trash_ids(root) == {ids["old_b.bin"]}
+    listed = run_ocrd("--config", config, "trash", "list", "--json")
+    assert [(i["id"], i["name"]) for i in listed.json()["items"]] == [
+        (ids["old_b.bin"], "old_b.bin")
+    ]
+    r = run_ocrd("--config", config, "trash", "restore", "old_b.bin", "--as", "b.bin")
+    assert r.code == 0, r
+    assert (root / "b.bin").read_bytes() == b"stale b"
+    assert batches(root) == set()
+
+
+def test_trash_list_and_restore_read_a_legacy_item(run_ocrd, root, config):
+    """A v1 item (its own dir with record.json) is listed as `<dir>/<name>` and restored."""
+    item = root / ".ocrd-trash" / "20200101T000000Z-abcd0123"
+    item.mkdir(parents=True)
+    (item / "old_v1.bin").write_bytes(b"legacy")
+    record = {"name": "old_v1.bin", "trashed_at": time.time() - HOUR, "reason": "test",
+              "size": 6, "sha256": None}  # fmt: skip
+    (item / "record.json").write_text(json.dumps(record), encoding="utf-8")
+    make_model(root, "en.bin", b"required", age=OLD)
+    r = run_ocrd("--config", config, "trash", "list", "--json")
+    assert r.code == 0, r
+    (listed,) = r.json()["items"]
+    assert (listed["id"], listed["name"], listed["size"]) == (
+        "20200101T000000Z-abcd0123/old_v1.bin",
+        "old_v1.bin",
+        6,
+    )
+    r = run_ocrd("--config", config, "trash", "restore", listed["id"], "--as", "v1.bin")
+    assert r.code == 0, r
+    assert (root / "v1.bin").read_bytes() == b"legacy"
+    (line,) = events(r.out, "trash.restored")
+    assert line["trash_id"] == listed["id"]
+    assert batches(root) == set()
+
+
 def test_trash_restore_unknown_name(run_ocrd, root, config):
     """`trash restore` of a name that is not in the quarantine exits 2 with one line."""
     make_model(root, "en.bin")
@@ -222,12 +290,15 @@ def test_trash_restore_unknown_name(run_ocrd, root, config):
 
 def test_trash_purge_removes_only_expired_items(run_ocrd, root, config):
     """`trash purge` deletes items older than quarantine.retention and keeps younger ones."""
-    ids = quarantine(run_ocrd, root, config, {"old_a.bin": b"expired", "old_b.bin": b"recent"})
-    age_item(root, ids["old_a.bin"], 8 * DAY)
-    age_item(root, ids["old_b.bin"], 6 * DAY)
+    # Two applies, two batches: the age is the batch's.
+    ids = quarantine(run_ocrd, root, config, {"old_a.bin": b"expired"})
+    ids |= quarantine(run_ocrd, root, config, {"old_b.bin": b"recent"})
+    age_batch(root, ids["old_a.bin"], 8 * DAY)
+    age_batch(root, ids["old_b.bin"], 6 * DAY)
     r = run_ocrd("--config", config, "trash", "purge")
     assert r.code == 0, r
     assert trash_ids(root) == {ids["old_b.bin"]}
+    assert batches(root) == {batch_of(ids["old_b.bin"])}  # the emptied batch is gone
     assert not [p for p in root.iterdir() if p.name.startswith(".ocrd-deleting-")]
     (line,) = events(r.out, "trash.purged")
     assert (line["model"], line["trash_id"], line["bytes"], line["dest"]) == (
@@ -245,17 +316,21 @@ def test_trash_purge_all_removes_every_item(run_ocrd, root, config):
     r = run_ocrd("--config", config, "trash", "purge", "--all")
     assert r.code == 0, r
     assert trash_ids(root) == set()
+    assert batches(root) == set()
     assert {e["trash_id"] for e in events(r.out, "trash.purged")} == set(ids.values())
     assert (root / "en.bin").read_bytes() == b"required"
 
 
 def test_apply_purges_expired_quarantine_items(run_ocrd, root, config):
     """`apply` purges quarantine items older than quarantine.retention and logs each."""
-    ids = quarantine(run_ocrd, root, config, {"old_a.bin": b"expired", "old_b.bin": b"recent"})
-    age_item(root, ids["old_a.bin"], 8 * DAY)
+    ids = quarantine(run_ocrd, root, config, {"old_a.bin": b"expired"})
+    ids |= quarantine(run_ocrd, root, config, {"old_b.bin": b"recent"})
+    age_batch(root, ids["old_a.bin"], 8 * DAY)
     r = run_ocrd("--config", config, "apply")
     assert r.code == 0, r
     assert trash_ids(root) == {ids["old_b.bin"]}
+    assert batches(root) == {batch_of(ids["old_b.bin"])}
     (line,) = events(r.out, "trash.purged")
     assert (line["model"], line["bytes"], line["dest"]) == ("old_a.bin", 7, "deleted")
+    assert line["trash_id"] == ids["old_a.bin"]
     assert re.search(r"longer than (7d|1w)", line["reason"]), line

@@ -102,23 +102,60 @@ def leftovers(root: Path) -> list[str]:
     )
 
 
+def _payload(where: Path, name: str, data: bytes | dict[str, bytes]) -> int:
+    """Write a file payload, or a dir from a mapping, at where/name; returns its size."""
+    if isinstance(data, bytes):
+        (where / name).write_bytes(data)
+        return len(data)
+    for rel, content in data.items():
+        (where / name / rel).parent.mkdir(parents=True, exist_ok=True)
+        (where / name / rel).write_bytes(content)
+    return sum(len(c) for c in data.values())
+
+
 def trash_item(
     root: Path, item_id: str, name: str, data: bytes | dict[str, bytes], *, trashed_at: float
 ) -> Path:
-    """A complete quarantine item built by hand (a file payload, or a dir from a mapping)."""
+    """A complete legacy (v1) quarantine item built by hand: one model and its record.json."""
     item = root / snapshot.TRASH / item_id
     item.mkdir(parents=True)
-    if isinstance(data, bytes):
-        (item / name).write_bytes(data)
-        size = len(data)
-    else:
-        for rel, content in data.items():
-            (item / name / rel).parent.mkdir(parents=True, exist_ok=True)
-            (item / name / rel).write_bytes(content)
-        size = sum(len(c) for c in data.values())
+    size = _payload(item, name, data)
     record = {"name": name, "trashed_at": trashed_at, "reason": "t", "size": size, "sha256": None}
-    (item / snapshot.RECORD).write_text(json.dumps(record), encoding="utf-8")
+    (item / snapshot.LEGACY_RECORD).write_text(json.dumps(record), encoding="utf-8")
     return item
+
+
+def trash_batch(
+    root: Path,
+    batch_id: str,
+    models: dict[str, bytes | dict[str, bytes]],
+    *,
+    trashed_at: float,
+    never_moved: tuple[str, ...] = (),
+) -> Path:
+    """A v2 quarantine batch built by hand: *models* moved in, *never_moved* only listed."""
+    batch = root / snapshot.TRASH / batch_id
+    batch.mkdir(parents=True)
+    items = [
+        {"name": name, "reason": "t", "size": _payload(batch, name, data), "sha256": None}
+        for name, data in models.items()
+    ]
+    items += [{"name": n, "reason": "t", "size": 1, "sha256": None} for n in never_moved]
+    record = {"version": 2, "trashed_at": trashed_at, "items": items}
+    (batch / snapshot.RECORD).write_text(json.dumps(record), encoding="utf-8")
+    return batch
+
+
+def batch_dirs(root: Path) -> list[str]:
+    """The directories in the model dir's quarantine (none if it has no quarantine)."""
+    trash = root / snapshot.TRASH
+    return sorted(os.listdir(trash)) if trash.is_dir() else []
+
+
+def read_record(batch: Path) -> dict[str, Any]:
+    """A v2 batch's record, parsed."""
+    record: dict[str, Any] = json.loads((batch / snapshot.RECORD).read_text(encoding="utf-8"))
+    return record
 
 
 class FakeEngine:
@@ -473,7 +510,7 @@ def test_directory_model_with_held_file_inside_is_busy(
 
 
 def test_quarantine_file_with_record(root: Path, state: Path) -> None:
-    """A pruned file moves to .ocrd-trash/<id>/<name> with a record, bytes and inode kept."""
+    """A pruned file moves to .ocrd-trash/<batch>/<name> with a record, bytes and inode kept."""
     data = os.urandom(10_000)
     model = make_model(root, "old_model.bin", data, age=3 * 3600)
     inode = model.stat().st_ino
@@ -486,21 +523,26 @@ def test_quarantine_file_with_record(root: Path, state: Path) -> None:
     assert outcome.done == (action,)
     assert not model.exists()
     (item,) = snapshot.read_trash(str(root))
-    moved = root / snapshot.TRASH / item.id / "old_model.bin"
+    batch_id, name = item.id.split("/")
+    assert name == item.name == "old_model.bin"
+    assert batch_dirs(root) == [batch_id]
+    batch = root / snapshot.TRASH / batch_id
+    moved = batch / "old_model.bin"
     assert moved.read_bytes() == data
     assert moved.stat().st_ino == inode  # an atomic rename, not a copy
-    record = json.loads((root / snapshot.TRASH / item.id / snapshot.RECORD).read_text("utf-8"))
-    assert set(record) >= {"name", "trashed_at", "reason", "size", "sha256"}
-    assert record["name"] == "old_model.bin"
+    record = read_record(batch)
+    assert set(record) == {"version", "trashed_at", "items"}
+    assert record["version"] == 2
     assert t0 - 1 <= record["trashed_at"] <= t1 + 1
-    assert record["reason"] == action.reason
-    assert "prefix 'old_'" in record["reason"]
-    assert record["size"] == len(data)
-    assert record["sha256"] in (None, sha(data))
-    assert sorted(os.listdir(root / snapshot.TRASH / item.id)) == [
-        "old_model.bin",
-        snapshot.RECORD,
-    ]
+    assert item.trashed_at == record["trashed_at"]
+    (listed,) = record["items"]
+    assert set(listed) >= {"name", "reason", "size", "sha256"}
+    assert listed["name"] == "old_model.bin"
+    assert listed["reason"] == action.reason
+    assert "prefix 'old_'" in listed["reason"]
+    assert listed["size"] == len(data)
+    assert listed["sha256"] in (None, sha(data))
+    assert sorted(os.listdir(batch)) == sorted(["old_model.bin", snapshot.RECORD])
     (pruned,) = events(logs, "model.pruned")
     assert pruned["model"] == "old_model.bin"
     assert pruned["reason"] == action.reason
@@ -521,10 +563,217 @@ def test_quarantine_directory_model(root: Path, state: Path) -> None:
     assert [a.name for a in outcome.done] == ["old_Qwen-GGUF"]
     assert not model.exists()
     (item,) = snapshot.read_trash(str(root))
-    assert tree(root / snapshot.TRASH / item.id / "old_Qwen-GGUF") == before
+    assert item.id.endswith("/old_Qwen-GGUF")
+    assert tree(root / snapshot.TRASH / item.id) == before
     assert item.size == 3500 + len("a.gguf")
     (pruned,) = events(logs, "model.pruned")
     assert (pruned["bytes"], pruned["dest"]) == (item.size, f"{snapshot.TRASH}/{item.id}")
+
+
+# --------------------------------------------------------------------------- (e2) batches
+
+
+def test_one_cycle_quarantines_into_one_batch(root: Path, state: Path) -> None:
+    """One apply moves every model it prunes into one batch dir whose record lists exactly them."""
+    files = {"old_a.bin": os.urandom(3000), "old_b.bin": b"b" * 20, "old_empty.bin": b""}
+    for age, (name, data) in enumerate(files.items(), start=1):
+        make_model(root, name, data, age=age * 3600)
+    (root / "old_dir" / "sub").mkdir(parents=True)
+    make_model(root / "old_dir" / "sub", "w.bin", b"w" * 700)
+    (root / "old_link").symlink_to("keep.gguf")
+    make_model(root, "keep.gguf", b"keep")
+    names = sorted([*files, "old_dir", "old_link"])
+    inodes = {name: os.lstat(root / name).st_ino for name in names}
+    dir_before = tree(root / "old_dir")
+    the_plan = plan_for(make_policy(root, state))
+    assert sorted(a.name for a in the_plan.actions) == names
+    t0 = time.time()
+    outcome, logs = run_apply(the_plan, root, NoEngine())
+    t1 = time.time()
+
+    assert sorted(a.name for a in outcome.done) == names
+    assert sorted(os.listdir(root)) == [snapshot.TRASH, "keep.gguf"]
+    (batch_id,) = batch_dirs(root)
+    batch = root / snapshot.TRASH / batch_id
+    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, *names])
+    assert {name: os.lstat(batch / name).st_ino for name in names} == inodes  # renamed
+    for name, data in files.items():
+        assert (batch / name).read_bytes() == data
+    assert tree(batch / "old_dir") == dir_before
+    assert os.readlink(batch / "old_link") == "keep.gguf"
+    record = read_record(batch)
+    assert record["version"] == 2
+    assert t0 - 1 <= record["trashed_at"] <= t1 + 1
+    assert sorted(i["name"] for i in record["items"]) == names  # each listed once
+    planned = {a.name: a for a in the_plan.actions}
+    for listed in record["items"]:
+        action = planned[listed["name"]]
+        assert (listed["reason"], listed["size"]) == (action.reason, action.bytes)
+    items = snapshot.read_trash(str(root))
+    assert sorted(i.id for i in items) == [f"{batch_id}/{name}" for name in names]
+    assert {i.trashed_at for i in items} == {record["trashed_at"]}
+    dests = {e["model"]: e["dest"] for e in events(logs, "model.pruned")}
+    assert dests == {name: f"{snapshot.TRASH}/{batch_id}/{name}" for name in names}
+    assert leftovers(root) == []
+
+
+def test_listed_model_that_never_moved_is_not_a_trash_item(
+    root: Path, state: Path, tmp_path: Path
+) -> None:
+    """A model the cycle listed in its batch record but skipped stays in place, no trash item."""
+    make_model(root, "old_a.bin", b"a" * 10, age=7200)
+    skipped = make_model(root, "old_b.bin", b"b" * 20, age=3600)
+    the_plan = plan_for(make_policy(root, state, min_age="10m"))
+    assert [a.name for a in the_plan.actions] == ["old_a.bin", "old_b.bin"]
+    _touch(skipped, tmp_path)
+    outcome, logs = run_apply(the_plan, root, NoEngine())
+    assert [e["model"] for e in events(logs, "model.changed")] == ["old_b.bin"]
+
+    assert [a.name for a in outcome.done] == ["old_a.bin"]
+    assert [(a.name, why) for a, why in outcome.skipped] == [
+        ("old_b.bin", "modified since the scan")
+    ]
+    assert skipped.read_bytes() == b"b" * 20
+    (batch_id,) = batch_dirs(root)
+    batch = root / snapshot.TRASH / batch_id
+    assert sorted(i["name"] for i in read_record(batch)["items"]) == ["old_a.bin", "old_b.bin"]
+    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "old_a.bin"])
+    assert [i.id for i in snapshot.read_trash(str(root))] == [f"{batch_id}/old_a.bin"]
+    with capture_logs():
+        assert executor.recover(str(root), structlog.get_logger()) == []  # a complete batch
+    assert batch_dirs(root) == [batch_id]
+
+
+@pytest.mark.parametrize("how", ["changed", "immutable"])
+def test_cycle_that_moves_nothing_leaves_no_batch(
+    root: Path, state: Path, tmp_path: Path, request: pytest.FixtureRequest, how: str
+) -> None:
+    """A cycle whose quarantines are all skipped (changed) or all fail (EPERM) leaves no batch."""
+    models = [
+        make_model(root, "old_a.bin", b"a" * 10, age=7200),
+        make_model(root, "old_b.bin", b"b" * 20, age=3600),
+    ]
+    make_model(root, "keep.gguf", b"keep")
+    the_plan = plan_for(make_policy(root, state, min_age="10m"))
+    assert [a.name for a in the_plan.actions] == ["old_a.bin", "old_b.bin"]
+    if how == "changed":
+        for model in models:
+            _touch(model, tmp_path)  # check_unchanged skips it
+    else:
+        immutable: Callable[[Path], None] = request.getfixturevalue("immutable")
+        for model in models:
+            immutable(model)  # passes check_unchanged; the rename fails
+    before = tree(root)
+
+    outcome, logs = run_apply(the_plan, root, NoEngine())
+
+    assert outcome.done == ()
+    if how == "changed":
+        assert [a.name for a, _ in outcome.skipped] == ["old_a.bin", "old_b.bin"]
+    else:
+        assert [a.name for a, _ in outcome.failed] == ["old_a.bin", "old_b.bin"]
+        assert all("not permitted" in e["error"] for e in events(logs, "action.failed"))
+    assert events(logs, "model.pruned") == []
+    assert batch_dirs(root) == []
+    assert {k: v for k, v in tree(root).items() if k != snapshot.TRASH} == before
+    assert snapshot.read_trash(str(root)) == ()
+    assert leftovers(root) == []
+
+
+def test_restoring_from_a_batch_keeps_the_rest_and_drops_it_when_empty(
+    root: Path, state: Path
+) -> None:
+    """Restoring one of a batch's two models leaves the other restorable; the last drops it."""
+    make_model(root, "old_a.bin", b"a" * 10, age=7200)
+    make_model(root, "old_b.bin", b"b" * 20, age=3600)
+    run_apply(plan_for(make_policy(root, state)), root, NoEngine())
+    (batch_id,) = batch_dirs(root)
+    batch = root / snapshot.TRASH / batch_id
+    items = {i.name: i for i in snapshot.read_trash(str(root))}
+    assert sorted(items) == ["old_a.bin", "old_b.bin"]
+
+    assert executor.restore_from_trash(str(root), items["old_a.bin"]) == "old_a.bin"
+    assert (root / "old_a.bin").read_bytes() == b"a" * 10
+    assert batch_dirs(root) == [batch_id]
+    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "old_b.bin"])
+    assert snapshot.read_trash(str(root)) == (items["old_b.bin"],)
+
+    restored = executor.restore_from_trash(str(root), items["old_b.bin"], as_name="keep_b.bin")
+    assert restored == "keep_b.bin"
+    assert (root / "keep_b.bin").read_bytes() == b"b" * 20
+    assert batch_dirs(root) == []
+    assert snapshot.read_trash(str(root)) == ()
+    assert sorted(os.listdir(root)) == [snapshot.TRASH, "keep_b.bin", "old_a.bin"]
+    assert leftovers(root) == []
+
+
+def test_purging_from_a_batch_keeps_the_rest_and_drops_it_when_empty(
+    root: Path, state: Path, tmp_path: Path
+) -> None:
+    """Purging one of a batch's two models leaves the other in it; purging the last drops it."""
+    make_model(root, "old_a.bin", b"a" * 4096, age=7200)
+    (root / "old_dir" / "sub").mkdir(parents=True)
+    make_model(root / "old_dir" / "sub", "w.bin", b"w" * 700, age=3600)
+    policy = make_policy(root, state)
+    run_apply(plan_for(policy), root, NoEngine())
+    (batch_id,) = batch_dirs(root)
+    batch = root / snapshot.TRASH / batch_id
+    later = time.time() + 8 * DAY  # past the 7d retention
+
+    def purge_plan() -> Plan:
+        the_plan = plan.reconcile(policy, snapshot.scan(root), now=later)
+        assert {a.kind for a in the_plan.actions} == {ActionKind.PURGE}
+        return the_plan
+
+    with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, batch / "old_a.bin") as child:
+        outcome, logs = run_apply(purge_plan(), root, NoEngine())
+        assert [e["pids"] for e in events(logs, "model.busy")] == [[child.pid]]
+    assert [a.trash_id for a in outcome.done] == [f"{batch_id}/old_dir"]
+    assert [e["trash_id"] for e in events(logs, "trash.purged")] == [f"{batch_id}/old_dir"]
+    assert batch_dirs(root) == [batch_id]
+    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "old_a.bin"])
+    assert (batch / "old_a.bin").read_bytes() == b"a" * 4096
+    assert [i.id for i in snapshot.read_trash(str(root))] == [f"{batch_id}/old_a.bin"]
+    assert leftovers(root) == []
+
+    outcome, logs = run_apply(purge_plan(), root, NoEngine())
+    assert [a.trash_id for a in outcome.done] == [f"{batch_id}/old_a.bin"]
+    assert batch_dirs(root) == []
+    assert snapshot.read_trash(str(root)) == ()
+    assert os.listdir(root) == [snapshot.TRASH]
+    assert leftovers(root) == []
+
+
+def test_model_named_record_json_is_quarantined_and_restored_intact(
+    root: Path, state: Path
+) -> None:
+    """A model named record.json (the v1 record's name) survives quarantine, recovery, restore."""
+    # Its bytes even look like a v1 record of another model.
+    decoy = {"name": "decoy.bin", "trashed_at": 0.0, "reason": "x", "size": 1, "sha256": None}
+    data = json.dumps(decoy).encode()
+    model = make_model(root, snapshot.LEGACY_RECORD, data, age=3600)
+    inode = model.stat().st_ino
+    the_plan = plan_for(make_policy(root, state, unmanaged="prune"))
+    assert [a.name for a in the_plan.actions] == ["record.json"]
+    outcome, logs = run_apply(the_plan, root, NoEngine())
+
+    assert [a.name for a in outcome.done] == ["record.json"]
+    assert [e["model"] for e in events(logs, "model.pruned")] == ["record.json"]
+    (item,) = snapshot.read_trash(str(root))
+    (batch_id,) = batch_dirs(root)
+    assert (item.id, item.name, item.size) == (f"{batch_id}/record.json", "record.json", len(data))
+    batch = root / snapshot.TRASH / batch_id
+    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "record.json"])
+    assert (batch / "record.json").read_bytes() == data
+    with capture_logs() as recovery:
+        assert executor.recover(str(root), structlog.get_logger()) == []
+    assert recovery == []  # a complete batch: nothing removed, nothing kept back
+    assert snapshot.read_trash(str(root)) == (item,)
+
+    assert executor.restore_from_trash(str(root), item) == "record.json"
+    assert (model.read_bytes(), model.stat().st_ino) == (data, inode)
+    assert batch_dirs(root) == []
+    assert snapshot.read_trash(str(root)) == ()
 
 
 # --------------------------------------------------------------------------- (f) delete
@@ -585,7 +834,8 @@ def test_symlink_to_outside_is_removed_as_link(
     assert leftovers(root) == []
     if mode == "quarantine":
         (item,) = snapshot.read_trash(str(root))
-        moved = root / snapshot.TRASH / item.id / "old_link"
+        assert item.id.endswith("/old_link")
+        moved = root / snapshot.TRASH / item.id
         assert moved.is_symlink()
         assert os.readlink(moved) == str(target)
     else:
@@ -874,7 +1124,8 @@ def test_restore_replaces_corrupt_model(root: Path, state: Path, tmp_path: Path)
     assert [a.name for a in outcome.done] == ["req.bin"]
     assert (root / "req.bin").read_bytes() == good
     (item,) = snapshot.read_trash(str(root))
-    assert (root / snapshot.TRASH / item.id / "req.bin").read_bytes() == corrupt
+    assert item.id.endswith("/req.bin")
+    assert (root / snapshot.TRASH / item.id).read_bytes() == corrupt
     assert item.sha256 == sha(corrupt)
     assert item.size == len(corrupt)
     assert "corrupt" in item.reason
@@ -995,8 +1246,8 @@ def test_purge_expired_quarantine_items(root: Path, state: Path) -> None:
     make_model(root, "keep.gguf", b"keep")
     the_plan = plan_for(make_policy(root, state))
     assert sorted(a.trash_id or "" for a in the_plan.actions) == [
-        "20200101T000000Z-0001",
-        "20200101T000000Z-0002",
+        "20200101T000000Z-0001/old_a.bin",
+        "20200101T000000Z-0002/old_dir",
     ]
     outcome, logs = run_apply(the_plan, root, NoEngine())
 
@@ -1006,9 +1257,9 @@ def test_purge_expired_quarantine_items(root: Path, state: Path) -> None:
     assert sorted(os.listdir(root)) == [snapshot.TRASH, "keep.gguf"]
     assert leftovers(root) == []
     purged = sorted(events(logs, "trash.purged"), key=lambda e: e["trash_id"])
-    assert [(e["model"], e["bytes"], e["dest"]) for e in purged] == [
-        ("old_a.bin", 100, "deleted"),
-        ("old_dir", 75, "deleted"),
+    assert [(e["model"], e["bytes"], e["dest"], e["trash_id"]) for e in purged] == [
+        ("old_a.bin", 100, "deleted", "20200101T000000Z-0001/old_a.bin"),
+        ("old_dir", 75, "deleted", "20200101T000000Z-0002/old_dir"),
     ]
     assert all(e["reason"].startswith("in quarantine longer than") for e in purged)
 
@@ -1027,7 +1278,7 @@ def test_purge_skips_item_held_by_process(root: Path, state: Path, tmp_path: Pat
 
 
 def test_recover_cleans_leftovers(root: Path) -> None:
-    """recover() removes tmp/deleting leftovers and incomplete trash items, keeps the rest."""
+    """recover() removes tmp/deleting leftovers and trash dirs without models, keeps the rest."""
     make_model(root, ".ocrd-tmp-0011223344556677", b"half a copy")
     deleting = root / ".ocrd-deleting-8899aabbccddeeff"
     (deleting / "sub").mkdir(parents=True)
@@ -1038,16 +1289,15 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     make_model(root, ".ocrd-tmpfile", b"not our prefix")
     trash = root / snapshot.TRASH
     now = time.time()
-    complete = trash_item(root, "complete", "c.bin", b"c", trashed_at=now)
-    (trash / "empty").mkdir()
-    record_only = trash / "record-only"
-    record_only.mkdir()
-    (record_only / snapshot.RECORD).write_text(
-        json.dumps({"name": "r.bin", "trashed_at": now, "reason": "x", "size": 1}), "utf-8"
-    )
+    # v2 batches: one record per cycle, written before anything moves in
+    complete = trash_batch(root, "complete", {"c.bin": b"c"}, trashed_at=now, never_moved=("n",))
+    trash_batch(root, "record-only", {}, trashed_at=now, never_moved=("r.bin",))
     tmp_record = trash / "tmp-record"
     tmp_record.mkdir()
     (tmp_record / (snapshot.RECORD + ".tmp")).write_text("{", "utf-8")
+    (trash / "empty").mkdir()
+    unlisted = trash_batch(root, "unlisted", {"u.bin": b"listed"}, trashed_at=now)
+    make_model(unlisted, "stray.bin", b"payload its record does not list")
     orphan = trash / "payload-only"
     orphan.mkdir()
     make_model(orphan, "p.bin", b"payload without record")
@@ -1055,6 +1305,15 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     garbled.mkdir()
     (garbled / snapshot.RECORD).write_text("{not json", "utf-8")
     make_model(garbled, "g.bin", b"payload with bad record")
+    # v1 (legacy) items: one model and its record.json per directory
+    legacy = trash_item(root, "legacy", "l.bin", b"l", trashed_at=now)
+    legacy_record_only = trash_item(root, "legacy-record-only", "lr.bin", b"x", trashed_at=now)
+    (legacy_record_only / "lr.bin").rename(root.parent / "lr.bin")
+    legacy_tmp = trash / "legacy-tmp-record"
+    legacy_tmp.mkdir()
+    (legacy_tmp / (snapshot.LEGACY_RECORD + ".tmp")).write_text("{", "utf-8")
+    legacy_wrong = trash_item(root, "legacy-wrong-payload", "w.bin", b"w", trashed_at=now)
+    (legacy_wrong / "w.bin").rename(legacy_wrong / "other.bin")
 
     with capture_logs() as logs:
         cleaned = executor.recover(str(root), structlog.get_logger())
@@ -1066,21 +1325,41 @@ def test_recover_cleans_leftovers(root: Path) -> None:
             f"{snapshot.TRASH}/empty",
             f"{snapshot.TRASH}/record-only",
             f"{snapshot.TRASH}/tmp-record",
+            f"{snapshot.TRASH}/legacy-record-only",
+            f"{snapshot.TRASH}/legacy-tmp-record",
         ]
     )
     assert sorted(os.listdir(root)) == [".ocrd-tmpfile", snapshot.TRASH, "dir-model", "model.bin"]
     assert (root / "dir-model" / ".ocrd-tmp-nested").read_bytes() == b"not top level"
-    assert sorted(os.listdir(trash)) == ["complete", "garbled-record", "payload-only"]
+    assert sorted(os.listdir(trash)) == [
+        "complete",
+        "garbled-record",
+        "legacy",
+        "legacy-wrong-payload",
+        "payload-only",
+        "unlisted",
+    ]
     assert (complete / "c.bin").read_bytes() == b"c"
+    assert (unlisted / "u.bin").read_bytes() == b"listed"
+    assert (unlisted / "stray.bin").read_bytes() == b"payload its record does not list"
     assert (orphan / "p.bin").read_bytes() == b"payload without record"
     assert (garbled / "g.bin").read_bytes() == b"payload with bad record"
+    assert (legacy / "l.bin").read_bytes() == b"l"
+    assert (legacy_wrong / "other.bin").read_bytes() == b"w"
     kept = events(logs, "recovery.kept")
-    assert sorted(e["path"] for e in kept) == [
-        f"{snapshot.TRASH}/garbled-record",
-        f"{snapshot.TRASH}/payload-only",
+    assert sorted((e["path"], e["unlisted"]) for e in kept) == [
+        (f"{snapshot.TRASH}/garbled-record", ["g.bin"]),
+        (f"{snapshot.TRASH}/legacy-wrong-payload", ["other.bin"]),
+        (f"{snapshot.TRASH}/payload-only", ["p.bin"]),
+        (f"{snapshot.TRASH}/unlisted", ["stray.bin"]),
     ]
     assert all(e["log_level"] == "warning" for e in kept)
     assert sorted(e["path"] for e in events(logs, "recovery.removed")) == sorted(cleaned)
+    assert sorted(i.id for i in snapshot.read_trash(str(root))) == [
+        "complete/c.bin",
+        "legacy/l.bin",
+        "unlisted/u.bin",
+    ]
     assert executor.recover(str(root), structlog.get_logger()) == []  # idempotent
 
 
@@ -1224,6 +1503,16 @@ def _trash_payloads(root: Path, name: str) -> list[bytes | None]:
     return [_read(item / name) for item in trash.iterdir() if (item / name).exists()]
 
 
+def _listed(batch: Path) -> tuple[str, set[str]]:
+    """A quarantine dir's record file and the model names it lists (v2 batch or v1 item)."""
+    if (batch / snapshot.RECORD).exists():
+        record = json.loads((batch / snapshot.RECORD).read_text(encoding="utf-8"))
+        assert record["version"] == 2, record
+        return snapshot.RECORD, {item["name"] for item in record["items"]}
+    record = json.loads((batch / snapshot.LEGACY_RECORD).read_text(encoding="utf-8"))
+    return snapshot.LEGACY_RECORD, {record["name"]}
+
+
 def _audit_after_crash(root: Path, point: str) -> None:
     """Every model is whole under its name, or in the trash, or on its intended way out."""
     where = f"after a kill at {point}"
@@ -1259,10 +1548,12 @@ def _audit_converged(root: Path, point: str) -> None:
     assert _read(root / "notes.txt") == NOTES, where
     assert _read(root / "req.bin") == GOOD_REQ, where
     assert _read(root / "new.bin") == GOOD_NEW, where
-    items = list((root / snapshot.TRASH).iterdir())
-    for item in items:
-        record = json.loads((item / snapshot.RECORD).read_text(encoding="utf-8"))
-        assert sorted(os.listdir(item)) == sorted([snapshot.RECORD, record["name"]]), where
+    for batch in (root / snapshot.TRASH).iterdir():
+        # each batch: its record and at least one model it lists, nothing else
+        record_file, listed = _listed(batch)
+        payloads = set(os.listdir(batch)) - {record_file}
+        assert payloads, f"{where}: {batch.name} holds no model"
+        assert payloads <= listed, f"{where}: {batch.name} holds {payloads}, lists {listed}"
     assert [i.name for i in snapshot.read_trash(str(root))] == ["req.bin"], where
     assert _trash_payloads(root, "req.bin") == [CORRUPT], where
 

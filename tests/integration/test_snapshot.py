@@ -280,12 +280,15 @@ def test_no_state_dir_means_no_cache_file(root: Path) -> None:
     assert sorted(os.listdir(root)) == ["m.bin"]
 
 
-def _item(trash: Path, item_id: str, record: dict[str, Any] | str | None, payload: str | None):
+def _item(
+    trash: Path, item_id: str, record: dict[str, Any] | str | None, payload: str | None
+) -> Path:
+    """A legacy (v1) quarantine dir: an optional record.json and an optional payload."""
     item = trash / item_id
     item.mkdir(parents=True)
     if record is not None:
         text = record if isinstance(record, str) else json.dumps(record)
-        (item / snapshot.RECORD).write_text(text, encoding="utf-8")
+        (item / snapshot.LEGACY_RECORD).write_text(text, encoding="utf-8")
     if payload is not None:
         (item / payload).write_bytes(b"payload")
     return item
@@ -295,8 +298,27 @@ def _record(name: str, at: float) -> dict[str, Any]:
     return {"name": name, "trashed_at": at, "reason": "test", "size": 7, "sha256": None}
 
 
+def _batch(
+    trash: Path, batch_id: str, record: dict[str, Any] | str | None, payloads: list[str]
+) -> Path:
+    """A v2 quarantine batch: an optional .ocrd-record.json and the payloads present."""
+    batch = trash / batch_id
+    batch.mkdir(parents=True)
+    if record is not None:
+        text = record if isinstance(record, str) else json.dumps(record)
+        (batch / snapshot.RECORD).write_text(text, encoding="utf-8")
+    for name in payloads:
+        (batch / name).write_bytes(b"payload")
+    return batch
+
+
+def _batch_record(names: list[str], at: float) -> dict[str, Any]:
+    items = [{"name": n, "reason": f"why {n}", "size": 7, "sha256": None} for n in names]
+    return {"version": 2, "trashed_at": at, "items": items}
+
+
 def test_read_trash_lists_only_complete_items(root: Path) -> None:
-    """Only trash items with both a readable record and their payload are listed."""
+    """Only legacy trash items with both a readable record and their payload are listed."""
     trash = root / snapshot.TRASH
     now = time.time()
     _item(trash, "20240101T000000Z-aaaa", _record("a.bin", now - 20), "a.bin")
@@ -313,13 +335,77 @@ def test_read_trash_lists_only_complete_items(root: Path) -> None:
     items = snapshot.read_trash(str(root))
 
     assert [(i.id, i.name) for i in items] == [
-        ("20240101T000000Z-aaaa", "a.bin"),
-        ("20240101T000000Z-bbbb", "b.bin"),
+        ("20240101T000000Z-aaaa/a.bin", "a.bin"),
+        ("20240101T000000Z-bbbb/b.bin", "b.bin"),
     ]
     assert items[0].size == 7
     assert items[0].trashed_at == pytest.approx(now - 20)
     assert items[0].reason == "test"
     assert snapshot.scan(root).trash == items
+
+
+def test_read_trash_lists_the_models_present_in_each_batch(root: Path) -> None:
+    """A v2 batch gives one item per listed model whose payload is there, ids `<batch>/<name>`."""
+    trash = root / snapshot.TRASH
+    now = time.time()
+    # c.bin never moved in (or was restored); z.bin is not in the record
+    listed = _batch_record(["a.bin", "b", "c.bin"], now - 5)
+    _batch(trash, "20240102T000000Z-cccc", listed, ["a.bin", "b", "z.bin"])
+    _batch(trash, "20240101T000000Z-dddd", _batch_record(["d.bin"], now - 50), ["d.bin"])
+    _batch(trash, "nothing-moved", _batch_record(["e.bin"], now), [])
+    _batch(trash, "no-record", None, ["f.bin"])
+    _batch(trash, "tmp-record-only", None, [])
+    (trash / "tmp-record-only" / (snapshot.RECORD + ".tmp")).write_text("{", encoding="utf-8")
+    _batch(trash, "bad-json", "{oops", ["g.bin"])
+    no_keys = {"version": 2, "trashed_at": now, "items": [{"name": "h.bin"}]}
+    _batch(trash, "missing-keys", no_keys, ["h.bin"])
+    _batch(trash, ".hidden", _batch_record(["i.bin"], now), ["i.bin"])
+    # a model named like the v1 record is a payload of a v2 batch, not its record
+    named_like_v1 = _batch_record(["record.json"], now - 1)
+    _batch(trash, "20240103T000000Z-eeee", named_like_v1, ["record.json"])
+
+    items = snapshot.read_trash(str(root))
+
+    assert [(i.id, i.name) for i in items] == [
+        ("20240101T000000Z-dddd/d.bin", "d.bin"),
+        ("20240102T000000Z-cccc/a.bin", "a.bin"),
+        ("20240102T000000Z-cccc/b", "b"),
+        ("20240103T000000Z-eeee/record.json", "record.json"),
+    ]
+    by_id = {i.id: i for i in items}
+    a = by_id["20240102T000000Z-cccc/a.bin"]
+    assert (a.trashed_at, a.reason, a.size, a.sha256) == (
+        pytest.approx(now - 5),
+        "why a.bin",
+        7,
+        None,
+    )
+    assert by_id["20240102T000000Z-cccc/b"].reason == "why b"
+    assert snapshot.scan(root).trash == items
+
+
+def test_read_batch_tells_the_record_from_the_payloads(root: Path) -> None:
+    """read_batch gives the record's items by name (None if unreadable) and every other entry."""
+    trash = root / snapshot.TRASH
+    now = time.time()
+    v2 = _batch(trash, "v2", _batch_record(["a.bin", "gone.bin"], now), ["a.bin", "x.bin"])
+    (v2 / (snapshot.RECORD + ".tmp")).write_text("{", encoding="utf-8")
+    batch = snapshot.read_batch(str(v2))
+    assert batch.items is not None
+    assert sorted(batch.items) == ["a.bin", "gone.bin"]
+    assert batch.items["a.bin"].id == "v2/a.bin"
+    assert batch.payloads == {"a.bin", "x.bin"}
+
+    v1 = _item(trash, "v1", _record("l.bin", now), "l.bin")
+    legacy = snapshot.read_batch(str(v1))
+    assert legacy.items is not None and list(legacy.items) == ["l.bin"]
+    assert legacy.items["l.bin"].id == "v1/l.bin"
+    assert legacy.payloads == {"l.bin"}
+
+    garbled = _batch(trash, "garbled", "{oops", ["g.bin"])
+    assert snapshot.read_batch(str(garbled)) == snapshot.Batch(None, frozenset({"g.bin"}))
+    empty = _batch(trash, "empty", None, [])
+    assert snapshot.read_batch(str(empty)) == snapshot.Batch(None, frozenset())
 
 
 def test_read_trash_without_trash_dir(root: Path) -> None:

@@ -2,9 +2,10 @@
 
 Every test builds the same kind of model dir (required models that are fine, missing
 or corrupt; prunable files, an empty file, a directory tree and a symlink; whitelisted,
-ignored and unmanaged entries; an expired and a fresh quarantine item), records the
-bytes of every model, kills ocrd with SIGKILL somewhere, audits what the kill left,
-restarts ocrd, and audits again that the restart converged without losing a byte:
+ignored and unmanaged entries; expired and fresh quarantine items, legacy v1 items and a
+v2 batch), records the bytes of every model, kills ocrd with SIGKILL somewhere, audits
+what the kill left, restarts ocrd, and audits again that the restart converged without
+losing a byte:
 
 - strace kills: `strace -e inject=SYSCALL:signal=KILL:when=N` for every N of every
   syscall that renames, unlinks, links, creates directories, syncs or writes, until a run
@@ -55,9 +56,11 @@ MODES = ("quarantine", "delete")
 
 # Every syscall by which ocrd changes the model dir (or writes what it later trusts).
 # shutil.rmtree removes with unlinkat/rmdir; restores write .ocrd-tmp-* files.
-WALKED = ("rename", "unlink", "unlinkat", "link", "rmdir", "mkdir", "fsync")
+# A quarantine renames relative to open directories (renameat); a delete unlinks
+# relative to the model dir (unlinkat).
+WALKED = ("rename", "renameat", "unlink", "unlinkat", "link", "rmdir", "mkdir", "fsync")
 # Variants this Python and libc never use: one run proves none is called (or walks them).
-UNUSED = ("renameat", "renameat2", "linkat", "mkdirat", "fdatasync")
+UNUSED = ("renameat2", "linkat", "mkdirat", "fdatasync")
 # Most writes are log lines; the CI walk takes the writes to files (fd > 2), the soak all.
 SYSCALLS = (*WALKED, *UNUSED, "write")
 MAX_N = 300  # a walk still killed at this N means the run never completes
@@ -82,7 +85,8 @@ SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIREC
 LONG = 0 if SOAK else 600  # pytest-timeout seconds (0: none) for the long tests
 
 TRASH = ".ocrd-trash"
-RECORD = "record.json"
+RECORD = ".ocrd-record.json"  # a batch's record: every model one cycle may move in (v2)
+LEGACY_RECORD = "record.json"  # a v1 item's record: its one model
 LOCK = ".ocrd-lock"
 TMP_PREFIX = ".ocrd-tmp-"
 DELETING_PREFIX = ".ocrd-deleting-"
@@ -172,41 +176,40 @@ def audit(job: Job, *, converged: bool, where: str) -> None:
         if real[name] not in model.real:
             problems.append(f"{name}: partial or unknown content under its real name")
 
-    # Quarantine: complete items only (a kill may leave an item without its payload),
-    # each payload a known-good version of the model its record names.
+    # Quarantine: one dir per batch (v2) or per legacy item (v1). Every payload in it must
+    # be listed in its readable record (written durably before anything moves in) and be a
+    # known-good version of that model. A dir without payloads is left only by a kill (the
+    # record was written but nothing moved, or its last model was restored or purged).
     payloads: dict[str, list[Fingerprint]] = collections.defaultdict(list)
     if trash.is_symlink() or (trash.exists() and not trash.is_dir()):
         problems.append(f"{TRASH} is not a directory")
     elif trash.is_dir():
-        for item_id in sorted(os.listdir(trash)):
-            item = trash / item_id
-            label = f"{TRASH}/{item_id}"
-            if item_id.startswith("."):
+        for batch_id in sorted(os.listdir(trash)):
+            batch = trash / batch_id
+            label = f"{TRASH}/{batch_id}"
+            if batch_id.startswith("."):
                 problems.append(f"hidden entry {label} in the quarantine")
                 continue
-            if item.is_symlink() or not item.is_dir():
+            if batch.is_symlink() or not batch.is_dir():
                 problems.append(f"{label} is not a directory")
                 continue
-            contents = set(os.listdir(item))
-            record_name = None
-            if RECORD in contents:
-                try:
-                    record_name = json.loads((item / RECORD).read_text(encoding="utf-8"))["name"]
-                except (ValueError, KeyError, TypeError) as exc:
-                    problems.append(f"{label}/{RECORD} is unreadable: {exc!r}")
-            payload = contents - {RECORD, RECORD + ".tmp"}
-            if converged and contents != {RECORD, record_name}:
-                problems.append(f"{label} is not exactly a record and its payload: {contents}")
+            contents = set(os.listdir(batch))
+            record_file, listed = _read_record(batch, contents, label, problems)
+            own = {RECORD + ".tmp", LEGACY_RECORD + ".tmp"}
+            payload = contents - own - {record_file or RECORD}
+            if converged and not (record_file and payload and contents == payload | {record_file}):
+                problems.append(f"{label} is not exactly a record and its models: {contents}")
             if not payload:
                 continue
-            if record_name is None or payload != {record_name}:
-                problems.append(f"{label} holds {payload} but its record names {record_name!r}")
+            if listed is None or not payload <= listed:
+                problems.append(f"{label} holds {payload} but its record lists {listed!r}")
                 continue
-            model = manifest.get(record_name)
-            found = fingerprint(item / record_name)
-            if model is None or found not in model.trash:
-                problems.append(f"{label}/{record_name}: not a known-good version of that model")
-            payloads[record_name].append(found)
+            for name in sorted(payload):
+                model = manifest.get(name)
+                found = fingerprint(batch / name)
+                if model is None or found not in model.trash:
+                    problems.append(f"{label}/{name}: not a known-good version of that model")
+                payloads[name].append(found)
 
     # Conservation: nothing lost, nothing duplicated, everything where it belongs at the end.
     for name, model in manifest.items():
@@ -236,6 +239,31 @@ def audit(job: Job, *, converged: bool, where: str) -> None:
         raise AssertionError(f"{where}, {phase}:\n  " + "\n  ".join(problems))
 
 
+def _read_record(
+    batch: Path, contents: set[str], label: str, problems: list[str]
+) -> tuple[str | None, set[str] | None]:
+    """A quarantine dir's record file (None: none) and the names it lists (None: unreadable)."""
+    if RECORD in contents:
+        record_file = RECORD
+    elif LEGACY_RECORD in contents:
+        record_file = LEGACY_RECORD
+    else:
+        return None, None
+    try:
+        record = json.loads((batch / record_file).read_text(encoding="utf-8"))
+        if record_file == LEGACY_RECORD:
+            return record_file, {record["name"]}
+        if record["version"] != 2 or not isinstance(record["trashed_at"], (int, float)):
+            raise ValueError(f"not a v2 record: {record}")
+        names = [item["name"] for item in record["items"]]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a name listed twice: {names}")
+        return record_file, set(names)
+    except (ValueError, KeyError, TypeError) as exc:
+        problems.append(f"{label}/{record_file} is unreadable: {exc!r}")
+        return record_file, None
+
+
 # --------------------------------------------------------------------------- the scenario
 
 
@@ -253,15 +281,34 @@ def _write_tree(base: Path, tree: dict[str, bytes | None]) -> None:
 
 def _trash_item(root: Path, item_id: str, name: str, tree: dict[str, bytes | None] | bytes,
                 trashed_at: float) -> Path:  # fmt: skip
+    """A legacy (v1) quarantine item: one model and its record.json in a dir of its own."""
     item = root / TRASH / item_id
-    if isinstance(tree, bytes):
-        item.mkdir(parents=True)
-        (item / name).write_bytes(tree)
-    else:
-        _write_tree(item / name, tree)
+    item.mkdir(parents=True)
+    _write_payload(item / name, tree)
     record = {"name": name, "trashed_at": trashed_at, "reason": "test", "size": 1, "sha256": None}
-    (item / RECORD).write_text(json.dumps(record), encoding="utf-8")
+    (item / LEGACY_RECORD).write_text(json.dumps(record), encoding="utf-8")
     return item / name
+
+
+def _trash_batch(root: Path, batch_id: str, models: dict[str, dict[str, bytes | None] | bytes],
+                 trashed_at: float, never_moved: tuple[str, ...] = ()) -> list[Path]:  # fmt: skip
+    """A v2 quarantine batch: *models* moved in, *never_moved* only listed in its record."""
+    batch = root / TRASH / batch_id
+    batch.mkdir(parents=True)
+    for name, tree in models.items():
+        _write_payload(batch / name, tree)
+    items = [{"name": name, "reason": "test", "size": 1, "sha256": None}
+             for name in [*models, *never_moved]]  # fmt: skip
+    record = {"version": 2, "trashed_at": trashed_at, "items": items}
+    (batch / RECORD).write_text(json.dumps(record), encoding="utf-8")
+    return [batch / name for name in models]
+
+
+def _write_payload(path: Path, tree: dict[str, bytes | None] | bytes) -> None:
+    if isinstance(tree, bytes):
+        path.write_bytes(tree)
+    else:
+        _write_tree(path, tree)
 
 
 def build_scenario(base: Path, mode: str, rng: random.Random) -> Scenario:
@@ -297,7 +344,9 @@ def build_scenario(base: Path, mode: str, rng: random.Random) -> Scenario:
     }
     pruned: dict[str, Any] = {
         "old_a.bin": blob(100_000, 400_000),
+        "old_b.bin": blob(1, 20_000),  # a quarantine moves several models into one batch
         "old_empty.bin": b"",
+        "old_dir2": {"m.bin": blob(1, 5000), "n/o.bin": blob(1, 5000)},
         "tmp_download.bin": blob(1, 20_000),
         "old_dir": {
             "x.bin": blob(1, 20_000),
@@ -313,11 +362,14 @@ def build_scenario(base: Path, mode: str, rng: random.Random) -> Scenario:
         else:
             _write_tree(root / name, data)
     (root / "old_link").symlink_to(outside)
+    # Expired: a legacy item and a batch of two (whose record also lists a model that never
+    # moved in), both purged; recent: a legacy item, kept.
     expired_file = _trash_item(root, "20200101T000000Z-expired1", "old_gone.bin",
                                blob(1, 5000), trashed_at=0.0)  # fmt: skip
-    expired_dir = _trash_item(root, "20200101T000000Z-expired2", "old_gone_dir",
-                              {"p.bin": blob(1, 5000), "q/r.bin": blob(1, 5000)},
-                              trashed_at=1.0)  # fmt: skip
+    gone_dir = {"p.bin": blob(1, 5000), "q/r.bin": blob(1, 5000)}
+    expired_batch = _trash_batch(root, "20200101T000000Z-expired2",
+                                 {"old_gone_dir": gone_dir, "old_gone_too.bin": blob(1, 5000)},
+                                 trashed_at=1.0, never_moved=("old_never_moved.bin",))  # fmt: skip
     recent = _trash_item(root, "20991231T000000Z-recent", "old_recent.bin", blob(1, 5000),
                          trashed_at=time.time() - 3600)  # fmt: skip
 
@@ -350,7 +402,7 @@ def build_scenario(base: Path, mode: str, rng: random.Random) -> Scenario:
         add("notes.txt", fingerprint(root / "notes.txt"))
     else:  # unmanaged: prune
         add_pruned("notes.txt")
-    for path in (expired_file, expired_dir):  # purged: may only vanish
+    for path in (expired_file, *expired_batch):  # purged: may only vanish
         orig = fingerprint(path)
         add(path.name, orig, real=frozenset(), trash=frozenset({orig}), must_keep=False,
             final_real=None)  # fmt: skip
@@ -688,7 +740,7 @@ def apply_point(h: Harness, mode: str, syscall: str, n: int) -> bool:
 
 @pytest.mark.timeout(LONG)
 def test_apply_killed_at_every_syscall(harness: Harness) -> None:
-    """A SIGKILL at every rename/unlink/link/rmdir/mkdir/fsync/write of `apply` loses nothing."""
+    """A SIGKILL at every rename(at)/unlink/link/rmdir/mkdir/fsync/write of apply loses nothing."""
     h = harness
     calls: dict[str, int] = {}
 
@@ -725,7 +777,7 @@ def test_apply_killed_at_every_syscall(harness: Harness) -> None:
 
     # The longest walks first, so that the two workers finish together.
     tasks: list[Callable[[], None]] = []
-    for syscall in ("fsync", "rename", "unlinkat", "mkdir"):
+    for syscall in ("fsync", "rename", "renameat", "unlinkat", "mkdir"):
         tasks += [lambda m=m, s=syscall: walk(m, s) for m in MODES]
     tasks += [lambda m=m: writes(m) for m in MODES]
     for syscall in ("unlink", "rmdir", "link"):
@@ -737,6 +789,7 @@ def test_apply_killed_at_every_syscall(harness: Harness) -> None:
         for syscall in ("rename", "link", "unlink", "mkdir", "fsync", "write"):
             assert calls[f"{mode}/{syscall}"] > 0, f"{mode}: no {syscall} was ever killed"
     assert calls["delete/unlinkat"] > 0, "no tree was removed with unlinkat"
+    assert calls["quarantine/renameat"] > 0, "no model was moved into a quarantine batch"
     assert sum(h.kills.values()) >= 100, f"too few kill points: {h.kills}"
 
 

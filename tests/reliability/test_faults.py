@@ -292,20 +292,41 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def trash_payloads(root: Path) -> dict[str, list[bytes]]:
-    """Bytes of every complete quarantine item, by the model name in its record."""
-    found: dict[str, list[bytes]] = {}
+def trash_batches(root: Path) -> dict[str, tuple[set[str] | None, set[str]]]:
+    """Each quarantine dir: (the model names its record lists, None if unreadable; payloads).
+
+    A v2 batch lists its cycle's models in `.ocrd-record.json`; a legacy (v1) item names its
+    one model in `record.json`.
+    """
+    found: dict[str, tuple[set[str] | None, set[str]]] = {}
     trash = root / ".ocrd-trash"
     if not trash.is_dir():
         return found
-    for item in trash.iterdir():
+    for batch in trash.iterdir():
+        contents = set(os.listdir(batch))
+        listed: set[str] | None = None
+        record_file = ".ocrd-record.json" if ".ocrd-record.json" in contents else "record.json"
         try:
-            name = json.loads((item / "record.json").read_text(encoding="utf-8"))["name"]
-        except (OSError, ValueError, KeyError):
-            continue
-        payload = item / name
-        if payload.is_file() and not payload.is_symlink():
-            found.setdefault(name, []).append(payload.read_bytes())
+            record = json.loads((batch / record_file).read_text(encoding="utf-8"))
+            if record_file == "record.json":
+                listed = {record["name"]}
+            else:
+                listed = {item["name"] for item in record["items"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            listed = None
+        own = {record_file, ".ocrd-record.json.tmp", "record.json.tmp"}
+        found[batch.name] = (listed, contents - own)
+    return found
+
+
+def trash_payloads(root: Path) -> dict[str, list[bytes]]:
+    """Bytes of every complete quarantine item (a file its batch's record lists), by name."""
+    found: dict[str, list[bytes]] = {}
+    for batch, (listed, payloads) in trash_batches(root).items():
+        for name in payloads & (listed or set()):
+            payload = root / ".ocrd-trash" / batch / name
+            if payload.is_file() and not payload.is_symlink():
+                found.setdefault(name, []).append(payload.read_bytes())
     return found
 
 
@@ -369,7 +390,12 @@ def test_immutable_model_fails_alone_and_is_pruned_once_the_flag_is_gone(
     assert pruned["bytes"] == len(data["old_stuck"])
     assert account(models, data) == {"keep.bin": "dir", "old_stuck": "trash", "old_free": "trash"}
     daemon.settle()
-    assert len(list((models / ".ocrd-trash").iterdir())) == 2  # no incomplete item left
+    batches = trash_batches(models)  # no incomplete or empty batch left
+    assert all(payloads and payloads <= (listed or set()) for listed, payloads in batches.values())
+    assert sorted(n for _, payloads in batches.values() for n in payloads) == [
+        "old_free",
+        "old_stuck",
+    ]
     assert leftovers(models) == []
     wait_for(
         lambda: (d := read_status(status_file)) and not d["degraded"], what="healthy status again"
@@ -454,6 +480,58 @@ def test_restore_that_does_not_fit_is_refused_whole_and_done_after_the_disk_grow
     assert account(models, data) == {"keep.bin": "dir", "old_a": "trash"}
     assert leftovers(models) == []
     assert daemon.alive()
+
+
+@pytest.mark.root
+@needs_mount
+def test_quarantine_on_a_full_disk_fails_closed_and_leaves_no_batch(
+    models: Path,
+    policy: Path,
+    denv: dict[str, str],
+    tmpfs: Callable[[Path, str], None],
+) -> None:
+    """With no room for the quarantine record, nothing moves, each prune fails, no dir is left."""
+    tmpfs(models, "1m")
+    data = {"keep.bin": b"keep" * 100, "old_a": b"a" * 100, "old_b": b"b" * 100}
+    for name, content in data.items():
+        make_model(models, name, content)
+    filler = models / ".filler"
+    with contextlib.suppress(OSError), filler.open("wb") as fh:  # fill the disk to the brim
+        while True:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+    save_policy(policy, policy_data(models))
+
+    proc = subprocess.run(
+        [OCRD, "--config", str(policy), "apply"],
+        capture_output=True,
+        text=True,
+        env=denv,
+        timeout=60,
+        check=False,
+    )
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    failed = {e["model"]: e["error"] for e in events if e["event"] == "action.failed"}
+    assert proc.returncode != 0, proc.stdout
+    assert sorted(failed) == ["old_a", "old_b"], proc.stdout + proc.stderr
+    assert all(re.search(r"space|quarantine", error) for error in failed.values()), failed
+    assert not any(e["event"] == "model.pruned" for e in events)
+    assert account(models, data) == {"keep.bin": "dir", "old_a": "dir", "old_b": "dir"}
+    assert trash_batches(models) == {}  # no half-made quarantine dir
+    assert leftovers(models) == []
+
+    filler.unlink()  # room again: the next apply quarantines both
+    again = subprocess.run(
+        [OCRD, "--config", str(policy), "apply"],
+        capture_output=True,
+        text=True,
+        env=denv,
+        timeout=60,
+        check=False,
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert account(models, data) == {"keep.bin": "dir", "old_a": "trash", "old_b": "trash"}
+    assert [listed for listed, _ in trash_batches(models).values()] == [{"old_a", "old_b"}]
 
 
 # -- the model dir deleted, replaced by a file, re-created ----------------------------------
