@@ -14,8 +14,6 @@ from ocrd.plan import reconcile
 from ocrd.policy import Policy
 from ocrd.snapshot import Progress, no_gc_pauses, observe
 
-__all__ = ["CycleResult", "no_gc_pauses", "observe", "run_cycle"]
-
 
 @dataclass(frozen=True, slots=True)
 class CycleResult:

@@ -284,14 +284,27 @@ def _item(
     trash: Path, item_id: str, record: dict[str, Any] | str | None, payload: str | None
 ) -> Path:
     """A legacy (v1) quarantine dir: an optional record.json and an optional payload."""
-    item = trash / item_id
-    item.mkdir(parents=True)
+    return _quarantine_dir(
+        trash, item_id, snapshot.LEGACY_RECORD, record, [] if payload is None else [payload]
+    )
+
+
+def _quarantine_dir(
+    trash: Path,
+    name: str,
+    record_file: str,
+    record: dict[str, Any] | str | None,
+    payloads: list[str],
+) -> Path:
+    """trash/name holding an optional record (as *record_file*) and the payloads named."""
+    path = trash / name
+    path.mkdir(parents=True)
     if record is not None:
         text = record if isinstance(record, str) else json.dumps(record)
-        (item / snapshot.LEGACY_RECORD).write_text(text, encoding="utf-8")
-    if payload is not None:
-        (item / payload).write_bytes(b"payload")
-    return item
+        (path / record_file).write_text(text, encoding="utf-8")
+    for payload in payloads:
+        (path / payload).write_bytes(b"payload")
+    return path
 
 
 def _record(name: str, at: float) -> dict[str, Any]:
@@ -302,14 +315,7 @@ def _batch(
     trash: Path, batch_id: str, record: dict[str, Any] | str | None, payloads: list[str]
 ) -> Path:
     """A v2 quarantine batch: an optional .ocrd-record.json and the payloads present."""
-    batch = trash / batch_id
-    batch.mkdir(parents=True)
-    if record is not None:
-        text = record if isinstance(record, str) else json.dumps(record)
-        (batch / snapshot.RECORD).write_text(text, encoding="utf-8")
-    for name in payloads:
-        (batch / name).write_bytes(b"payload")
-    return batch
+    return _quarantine_dir(trash, batch_id, snapshot.RECORD, record, payloads)
 
 
 def _batch_record(names: list[str], at: float) -> dict[str, Any]:

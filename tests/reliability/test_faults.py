@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import structlog
-from conftest import OCRD, make_model, wait_for
+from conftest import OCRD, Result, make_model, wait_for
 from daemonkit import DEBOUNCE, epoch, policy_data, read_status, save_policy
 from structlog.testing import capture_logs
 
@@ -487,7 +487,7 @@ def test_restore_that_does_not_fit_is_refused_whole_and_done_after_the_disk_grow
 def test_quarantine_on_a_full_disk_fails_closed_and_leaves_no_batch(
     models: Path,
     policy: Path,
-    denv: dict[str, str],
+    run_ocrd: Callable[..., Result],
     tmpfs: Callable[[Path, str], None],
 ) -> None:
     """With no room for the quarantine record, nothing moves, each prune fails, no dir is left."""
@@ -502,18 +502,11 @@ def test_quarantine_on_a_full_disk_fails_closed_and_leaves_no_batch(
             fh.flush()
     save_policy(policy, policy_data(models))
 
-    proc = subprocess.run(
-        [OCRD, "--config", str(policy), "apply"],
-        capture_output=True,
-        text=True,
-        env=denv,
-        timeout=60,
-        check=False,
-    )
-    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    full = run_ocrd("--config", policy, "apply")
+    events = full.logs()
     failed = {e["model"]: e["error"] for e in events if e["event"] == "action.failed"}
-    assert proc.returncode != 0, proc.stdout
-    assert sorted(failed) == ["old_a", "old_b"], proc.stdout + proc.stderr
+    assert full.code != 0, full
+    assert sorted(failed) == ["old_a", "old_b"], full
     assert all(re.search(r"space|quarantine", error) for error in failed.values()), failed
     assert not any(e["event"] == "model.pruned" for e in events)
     assert account(models, data) == {"keep.bin": "dir", "old_a": "dir", "old_b": "dir"}
@@ -521,15 +514,8 @@ def test_quarantine_on_a_full_disk_fails_closed_and_leaves_no_batch(
     assert leftovers(models) == []
 
     filler.unlink()  # room again: the next apply quarantines both
-    again = subprocess.run(
-        [OCRD, "--config", str(policy), "apply"],
-        capture_output=True,
-        text=True,
-        env=denv,
-        timeout=60,
-        check=False,
-    )
-    assert again.returncode == 0, again.stdout + again.stderr
+    again = run_ocrd("--config", policy, "apply")
+    assert again.code == 0, again
     assert account(models, data) == {"keep.bin": "dir", "old_a": "trash", "old_b": "trash"}
     assert [listed for listed, _ in trash_batches(models).values()] == [{"old_a", "old_b"}]
 
