@@ -4,21 +4,15 @@ resolved against the disk. Every error names file, line, key and a fix."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
-import re
 import stat
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-from pydantic_settings import (
-    BaseSettings,
-    PydanticBaseSettingsSource,
-    SettingsConfigDict,
-    SettingsError,
-)
+from pydantic import BaseModel, ValidationError
 
 from ocrd import yamlsafe
 from ocrd.errors import PolicyError, Problem
@@ -70,31 +64,6 @@ FORBIDDEN_TREES = (
     "/usr/sbin",
     "/usr/lib",
 )
-
-
-class Settings(BaseSettings, Policy):
-    """The policy with environment overrides: OCRD_MODEL_DIR, OCRD_LOG__LEVEL, …"""
-
-    model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-        validate_default=True,
-        case_sensitive=False,
-    )
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment wins over the file; no .env or secret files are read.
-        return (env_settings, init_settings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,30 +126,94 @@ def _submodel(annotation: Any) -> Any:
     return None
 
 
-def _unknown_env(path: Path) -> list[Problem]:
-    """OCRD_* variables that name no policy key: a typo must not be silently ignored."""
-    problems = []
-    for name in sorted(os.environ):
+def _is_complex(annotation: Any) -> bool:
+    """Does the field hold a list or a mapping (given as JSON in the environment)?"""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (list, dict):
+        return True
+    return any(_is_complex(arg) for arg in typing.get_args(annotation) if arg is not type(None))
+
+
+def _env_problem(name: str, path: Path, key: str, message: str) -> Problem:
+    return Problem(f"{path} (environment {name})", None, key, message)
+
+
+def _environment(path: Path) -> dict[str, Any]:
+    """The OCRD_* overrides as a nested mapping of policy keys (PolicyError if any is bad).
+
+    `OCRD_PRUNE__MIN_AGE=5m` sets prune.min_age; names are case-insensitive.
+    Lists and mappings are JSON (`OCRD_WHITELIST='["*.gguf"]'`); other values are
+    strings the policy model parses as it would the file's. A name that is no
+    policy key is an error: a typo must not be silently ignored.
+    """
+    overrides: dict[str, Any] = {}
+    problems: list[Problem] = []
+    # Shallow names first, so OCRD_PRUNE__MIN_AGE lands inside a JSON OCRD_PRUNE.
+    for name in sorted(os.environ, key=lambda n: (n.count("__"), n.upper())):
         upper = name.upper()
         if not upper.startswith(ENV_PREFIX) or upper in NON_POLICY_ENV:
             continue
+        parts = upper[len(ENV_PREFIX) :].lower().split("__")
         model: Any = Policy
-        for part in upper[len(ENV_PREFIX) :].lower().split("__"):
+        annotation: Any = None
+        for part in parts:
             field = None if model is None else model.model_fields.get(part)
             if field is None:
                 valid = ", ".join(model.model_fields) if model is not None else "none"
                 problems.append(
-                    Problem(
-                        f"{path} (environment {name})",
-                        None,
+                    _env_problem(
+                        name,
+                        path,
                         "",
                         f"names no policy key (valid at {part!r}: {valid}); unset it or fix "
                         "the name, e.g. OCRD_PRUNE__MIN_AGE",
                     )
                 )
                 break
-            model = _submodel(field.annotation)
-    return problems
+            annotation = field.annotation
+            model = _submodel(annotation)
+        else:
+            value: Any = os.environ[name]
+            if _is_complex(annotation):
+                try:
+                    value = json.loads(value)
+                except ValueError as exc:
+                    problems.append(
+                        _env_problem(
+                            name,
+                            path,
+                            ".".join(parts),
+                            f"is not valid JSON ({exc}). Lists and mappings must be JSON in "
+                            f"the environment, e.g. OCRD_WHITELIST='[\"*.gguf\"]'. {FIX}",
+                        )
+                    )
+                    continue
+            _set_nested(overrides, parts, value)
+    if problems:
+        raise PolicyError(problems)
+    return overrides
+
+
+def _set_nested(target: dict[str, Any], parts: list[str], value: Any) -> None:
+    for part in parts[:-1]:
+        inner = target.get(part)
+        if not isinstance(inner, dict):
+            inner = target[part] = {}
+        target = inner
+    target[parts[-1]] = value
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """*base* with *overrides* on top, mappings merged key by key (the overrides win)."""
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def _valid_keys(loc: Loc) -> str:
@@ -391,9 +424,7 @@ def load_policy(path: Path) -> LoadedPolicy:
         raise PolicyError([Problem(str(path), exc.line, _key(exc.loc), f"{exc}. {FIX}")]) from None
     if raw is None:
         raw = {}
-    unknown = _unknown_env(path)
-    if unknown:
-        raise PolicyError(unknown)
+    overrides = _environment(path)
     if not isinstance(raw, dict):
         raise PolicyError(
             [
@@ -407,25 +438,9 @@ def load_policy(path: Path) -> LoadedPolicy:
             ]
         )
     try:
-        settings = Settings(**raw)
+        policy = Policy.model_validate(_merged(raw, overrides))
     except ValidationError as exc:
         raise PolicyError(_problems_from(exc, path, lines)) from None
-    except SettingsError as exc:  # an OCRD_* value that is not valid JSON for a list or mapping
-        field = re.search(r'field "([a-z_]+)"', str(exc))
-        var = f"{ENV_PREFIX}{field.group(1).upper()}" if field else "OCRD_*"
-        raise PolicyError(
-            [
-                Problem(
-                    f"{path} (environment {var})",
-                    None,
-                    field.group(1) if field else "",
-                    f"{exc}. Lists and mappings must be JSON in the environment, e.g. "
-                    f"OCRD_WHITELIST='[\"*.gguf\"]'. {FIX}",
-                )
-            ]
-        ) from None
-    fields = {name: getattr(settings, name) for name in Policy.model_fields}
-    policy = Policy.model_construct(**fields)
     resolved = _resolve(policy, path, lines)
     return LoadedPolicy(
         policy=resolved,

@@ -28,21 +28,20 @@ from ocrd.model import (
 from ocrd.policy import Policy, format_duration, human_age
 
 
-def _glob_matcher(globs: Sequence[str]) -> Callable[[str], str | None]:
-    """One compiled regex for a list of globs: name -> the first glob it matches."""
+def _glob_regex(globs: Sequence[str]) -> Callable[[str], re.Match[str] | None] | None:
+    """One compiled regex for a list of globs (its match method; None for no globs).
+
+    A match's `lastgroup` names the first glob that matched: see _which.
+    """
     if not globs:
-        return lambda name: None
+        return None
     parts = [f"(?P<g{i}>{fnmatch.translate(glob)})" for i, glob in enumerate(globs)]
-    match = re.compile("|".join(parts)).match
+    return re.compile("|".join(parts)).match
 
-    def first(name: str) -> str | None:
-        found = match(name)
-        if found is None:
-            return None
-        assert found.lastgroup is not None
-        return globs[int(found.lastgroup[1:])]
 
-    return first
+def _which(globs: Sequence[str], found: re.Match[str]) -> str:
+    assert found.lastgroup is not None
+    return globs[int(found.lastgroup[1:])]
 
 
 class Classifier:
@@ -50,8 +49,8 @@ class Classifier:
     are classified in a fraction of a second)."""
 
     def __init__(self, policy: Policy) -> None:
-        self.ignore = _glob_matcher(policy.ignore)
-        self.whitelist = _glob_matcher(policy.whitelist)
+        self.ignore = tuple(policy.ignore)
+        self.whitelist = tuple(policy.whitelist)
         self.required = {item.name: item.sha256 for item in policy.required}
         self.prefixes = tuple(policy.prune.prefixes)
         self.classify = self._compile()  # the rule as a plain function
@@ -61,25 +60,30 @@ class Classifier:
         return self.classify(entry)
 
     def _compile(self) -> Callable[[Entry], Classified]:
-        # Everything the rule needs is bound to a local of the closure: this
-        # runs once per entry, 100,000 times for a big model dir.
-        ignore, whitelist, required, prefixes = (
+        # This runs once per entry, 100,000 times for a big model dir: everything
+        # it needs is a local of the closure, the common path makes no Python
+        # call but this one (the globs are one C regex match each), and the
+        # result is built with tuple.__new__ (a NamedTuple's own __new__ is
+        # Python code).
+        ignore_globs, whitelist_globs, required, prefixes = (
             self.ignore,
             self.whitelist,
             self.required,
             self.prefixes,
         )
+        ignore, whitelist = _glob_regex(ignore_globs), _glob_regex(whitelist_globs)
         rules = {p: f"prefix {p!r}" for p in prefixes}
         only_rule = rules[prefixes[0]] if len(prefixes) == 1 else None
         required_cls, allowed_cls, file_kind = Class.REQUIRED, Class.ALLOWED, Kind.FILE
+        no_pin, new = Pin.NONE, tuple.__new__
 
         def classify(entry: Entry) -> Classified:
             name = entry.name
             if name[:1] == ".":
-                return Classified(name, IGNORED, "dot-entry", entry)
-            glob = ignore(name)
-            if glob is not None:
-                return Classified(name, IGNORED, f"ignore {glob!r}", entry)
+                return new(Classified, (name, IGNORED, "dot-entry", entry, no_pin))
+            if ignore is not None and (found := ignore(name)) is not None:
+                rule = f"ignore {_which(ignore_globs, found)!r}"
+                return new(Classified, (name, IGNORED, rule, entry, no_pin))
             if name in required:
                 pinned = required[name]
                 if pinned is None:
@@ -88,14 +92,14 @@ class Classifier:
                     pin = Pin.OK
                 else:
                     pin = Pin.CORRUPT
-                return Classified(name, required_cls, "required", entry, pin)
-            glob = whitelist(name)
-            if glob is not None:
-                return Classified(name, allowed_cls, f"whitelist {glob!r}", entry)
-            if name.startswith(prefixes):
+                return new(Classified, (name, required_cls, "required", entry, pin))
+            if whitelist is not None and (found := whitelist(name)) is not None:
+                rule = f"whitelist {_which(whitelist_globs, found)!r}"
+                return new(Classified, (name, allowed_cls, rule, entry, no_pin))
+            if prefixes and name.startswith(prefixes):
                 rule = only_rule or rules[next(p for p in prefixes if name.startswith(p))]
-                return Classified(name, PRUNE, rule, entry)
-            return Classified(name, UNMANAGED, "no rule", entry)
+                return new(Classified, (name, PRUNE, rule, entry, no_pin))
+            return new(Classified, (name, UNMANAGED, "no rule", entry, no_pin))
 
         return classify
 

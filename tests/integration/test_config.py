@@ -356,6 +356,35 @@ def test_non_policy_ocrd_variables_do_not_break_loading(
     assert load_policy(path).policy.model_dir == real(tmp_path / "models")
 
 
+def test_environment_json_section_and_nested_keys_merge(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A JSON section and a nested key override merge with the file, the nested key on top."""
+    path = policy_file(tmp_path, "model_dir: models\nprune:\n  prefixes: [old_]\n  min_age: 1h\n")
+    monkeypatch.setenv("OCRD_PRUNE", '{"action": "delete", "min_age": "2h"}')
+    monkeypatch.setenv("ocrd_prune__min_age", "5m")  # names are case-insensitive
+    monkeypatch.setenv("OCRD_WHITELIST", '["*.gguf", "keep-*"]')
+    policy = load_policy(path).policy
+    assert policy.prune.action == "delete"
+    assert policy.prune.min_age == 300.0
+    assert policy.prune.prefixes == ["old_"]  # from the file
+    assert policy.whitelist == ["*.gguf", "keep-*"]
+
+
+def test_environment_list_that_is_not_json_names_the_variable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list given as plain text is an error naming the variable and showing the JSON form."""
+    path = policy_file(tmp_path, "model_dir: models\n")
+    monkeypatch.setenv("OCRD_PRUNE__PREFIXES", "old_")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    problem = problem_at(exc.value, "prune.prefixes")
+    assert problem.file == f"{path} (environment OCRD_PRUNE__PREFIXES)"
+    assert "is not valid JSON" in problem.message
+    assert "OCRD_WHITELIST='[\"*.gguf\"]'" in problem.message
+
+
 @pytest.mark.parametrize(
     ("var", "value", "key", "pattern"),
     [
