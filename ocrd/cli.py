@@ -144,7 +144,7 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
     from ocrd.snapshot import observe
 
     policy = obj.load().policy
-    snapshot = observe(policy, log=log.get(), progress=_progress())
+    snapshot = observe(policy, log=log.get(), progress=_progress(), full=True)
     now = time.time()
     plan = reconcile(policy, snapshot, now=now)
     shown = [c for c in plan.classified if show_all or c.cls is not Class.IGNORED]

@@ -339,7 +339,7 @@ def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | N
                 root,
                 action.name,
                 reason="corrupt; replaced by restore",
-                size=action.entry.size,
+                size=action.entry.size or 0,  # a required model is always looked at
                 sha256=action.entry.sha256,
                 now=now,
             )
@@ -523,7 +523,7 @@ class _Acting:
                 raise ActionError(self.batch_error)
             if self.batch is None:
                 listed = [
-                    record_item(a.name, a.reason, a.entry.size, a.entry.sha256)
+                    record_item(a.name, a.reason, a.bytes, a.entry.sha256)
                     for a in self.quarantined
                     if a.entry is not None
                 ]

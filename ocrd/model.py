@@ -21,15 +21,20 @@ class Kind(str, Enum):
 
 
 class Entry(NamedTuple):
-    """One top-level entry of the model dir, as lstat saw it."""
+    """One top-level entry of the model dir, as lstat saw it.
+
+    An entry no rule can act on may be listed without being looked at (see
+    snapshot.scan's *examine*): its kind and inode then come from the
+    directory listing and size, mtime and mtime_ns are None.
+    """
 
     name: str
     kind: Kind
-    size: int  # bytes; a directory counts everything below it, a symlink its own length
-    mtime: float  # seconds; a directory: the newest mtime inside it
+    size: int | None  # bytes; a directory counts everything below it, a symlink its length
+    mtime: float | None  # seconds; a directory: the newest mtime inside it
     inode: int
     device: int
-    mtime_ns: int  # the entry's own st_mtime_ns, used to notice a change before acting
+    mtime_ns: int | None  # the entry's own st_mtime_ns, to notice a change before acting
     sha256: str | None = None  # only computed for pinned required models
 
 

@@ -120,6 +120,20 @@ def count_models(policy: Policy, snapshot: Snapshot) -> int:
     return sum(1 for e in snapshot.entries if classify_one(e).cls is not IGNORED)
 
 
+def may_act_on(policy: Policy) -> Callable[[str], bool] | None:
+    """Which names reconcile may need the size and times of (None: every name).
+
+    A superset of the entries it can act on: a required name or a name with a
+    prune prefix. Any other entry can only be ignored, allowed or reported as
+    unmanaged, for which its name is enough, unless `unmanaged: prune`.
+    """
+    if policy.unmanaged == "prune":
+        return None
+    required = frozenset(item.name for item in policy.required)
+    prefixes = tuple(policy.prune.prefixes)
+    return lambda name: name.startswith(prefixes) or name in required
+
+
 def _corrupt_reason(entry: Entry, pin: str) -> str:
     if entry.kind is not Kind.FILE:
         return f"pinned model is a {entry.kind.value}, not a file"
@@ -173,6 +187,8 @@ def reconcile(
                 corrupt.append(c)
             continue
         mtime = c.entry.mtime  # type: ignore[union-attr]  # every classified entry has one here
+        if mtime is None:  # scanned without may_act_on's names: a bug, never a prune
+            raise ValueError(f"{c.name}: planned without its details; scan it with may_act_on")
         age = now - mtime
         if age < min_age:
             age = max(age, 0.0)  # modified "in the future" (clock skew): as new as can be
@@ -249,7 +265,7 @@ def reconcile(
             name,
             f"{rule}, {human_age(now - mtime)} old",
             rule,
-            c.entry.size,  # type: ignore[union-attr]
+            c.entry.size or 0,  # type: ignore[union-attr]
             c.entry,
             mode,
         )
@@ -304,6 +320,8 @@ def next_due(policy: Policy, snapshot: Snapshot, *, now: float) -> float | None:
     classify_one = Classifier(policy)
     for entry in snapshot.entries:
         c = classify_one(entry)
+        if entry.mtime is None:
+            continue  # not looked at: no rule acts on it
         if c.cls is Class.PRUNE or (c.cls is Class.UNMANAGED and policy.unmanaged == "prune"):
             due = entry.mtime + policy.prune.min_age
             if due > now:

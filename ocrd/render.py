@@ -41,7 +41,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _age(c: Classified, now: float) -> float | None:
-    return None if c.entry is None else max(0.0, now - c.entry.mtime)
+    mtime = None if c.entry is None else c.entry.mtime
+    return None if mtime is None else max(0.0, now - mtime)
 
 
 def models_json(root: str, classified: Sequence[Classified], *, now: float) -> dict[str, Any]:
@@ -55,7 +56,7 @@ def models_json(root: str, classified: Sequence[Classified], *, now: float) -> d
                 "rule": c.rule,
                 "kind": c.entry.kind.value if c.entry else None,
                 "size": c.entry.size if c.entry else None,
-                "mtime": iso(c.entry.mtime) if c.entry else None,
+                "mtime": iso(c.entry.mtime) if c.entry and c.entry.mtime is not None else None,
                 "age_seconds": None if age is None else round(age, 3),
                 "pin": c.pin.value if c.cls is Class.REQUIRED else None,
             }
@@ -74,7 +75,7 @@ def models_table(classified: Sequence[Classified], *, now: float) -> str:
                 c.cls.value,
                 c.rule,
                 c.entry.kind.value if c.entry else "-",
-                human_bytes(c.entry.size) if c.entry else "-",
+                human_bytes(c.entry.size) if c.entry and c.entry.size is not None else "-",
                 "-" if age is None else human_age(age),
                 status,
             ]

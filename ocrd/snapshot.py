@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 from ocrd import statefile
 from ocrd.errors import ModelDirError
 from ocrd.model import Entry, Kind, Snapshot, TrashItem
+from ocrd.plan import may_act_on
 from ocrd.policy import Policy
 
 TRASH = ".ocrd-trash"
@@ -288,43 +289,65 @@ def _open_dir(root: str) -> int:
         raise ModelDirError(f"model_dir {root} is not readable by this user") from None
 
 
+def _kind_listed(child: os.DirEntry[str]) -> Kind:
+    """An entry's kind from the directory listing (no lstat where the file system says)."""
+    if child.is_symlink():
+        return Kind.SYMLINK
+    if child.is_dir(follow_symlinks=False):
+        return Kind.DIR
+    if child.is_file(follow_symlinks=False):
+        return Kind.FILE
+    return Kind.OTHER
+
+
 def scan(
     root: Path | str,
     *,
     pins: Mapping[str, str] | None = None,
     cache: HashCache | None = None,
     progress: Progress | None = None,
+    examine: Callable[[str], bool] | None = None,
 ) -> Snapshot:
     """Snapshot of *root*'s top level; hashes the files named in *pins*.
 
     The directory is listed through one descriptor and each entry is looked
-    at with fstatat(2) relative to it: 100,000 entries cost one lstat each
-    and no path walk, and the plain files (nearly all of them) take a short path.
+    at with fstatat(2) relative to it: no path walk, and plain files (nearly
+    all of them) take a short path. With *examine*, only the names it accepts
+    are looked at (a directory model is walked below); the others keep the
+    kind and inode the listing gives and no size or times: a cycle over
+    100,000 entries need not lstat the 50,000 no rule acts on.
     """
     root = str(root)
     pins = pins or {}
     fd = _open_dir(root)
     entries: list[Entry] = []
     append = entries.append
-    file_kind, is_reg = Kind.FILE, stat.S_ISREG
+    file_kind, is_reg, new = Kind.FILE, stat.S_ISREG, tuple.__new__
     try:
         device = os.fstat(fd).st_dev
         with os.scandir(fd) as it:
             for child in it:
                 name = child.name
                 try:
+                    if examine is not None and not examine(name):
+                        entry = (name, _kind_listed(child), None, None, child.inode(), device)
+                        append(new(Entry, (*entry, None, None)))
+                        continue
                     st = child.stat(follow_symlinks=False)
                     if is_reg(st.st_mode) and name not in pins:
                         append(
-                            Entry(
-                                name,
-                                file_kind,
-                                st.st_size,
-                                st.st_mtime,
-                                st.st_ino,
-                                st.st_dev,
-                                st.st_mtime_ns,
-                                None,
+                            new(
+                                Entry,
+                                (
+                                    name,
+                                    file_kind,
+                                    st.st_size,
+                                    st.st_mtime,
+                                    st.st_ino,
+                                    st.st_dev,
+                                    st.st_mtime_ns,
+                                    None,
+                                ),
                             )
                         )
                     else:
@@ -339,10 +362,22 @@ def scan(
     return Snapshot(root=root, device=device, entries=tuple(entries), trash=read_trash(root))
 
 
-def observe(policy: Policy, *, log: Any, progress: Progress | None = None) -> Snapshot:
-    """Scan the model dir, hashing pinned models through the state dir's cache."""
+def observe(
+    policy: Policy, *, log: Any, progress: Progress | None = None, full: bool = False
+) -> Snapshot:
+    """Scan the model dir, hashing pinned models through the state dir's cache.
+
+    Only entries the policy may act on are looked at closely, unless *full*
+    (`ocrd list` shows every entry's size and age).
+    """
     cache = HashCache(policy.state_dir)
-    snapshot = scan(policy.model_dir, pins=policy.pins(), cache=cache, progress=progress)
+    snapshot = scan(
+        policy.model_dir,
+        pins=policy.pins(),
+        cache=cache,
+        progress=progress,
+        examine=None if full else may_act_on(policy),
+    )
     error = cache.save()
     if error:
         log.warning(

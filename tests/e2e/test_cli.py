@@ -377,6 +377,10 @@ def test_list_json_has_the_documented_schema(run_ocrd, root):
     mtime = datetime.fromisoformat(old["mtime"])
     assert mtime.utcoffset() == timezone.utc.utcoffset(None)
     assert abs(mtime.timestamp() - (root / "old_a.bin").stat().st_mtime) < 1
+    # entries no rule acts on are looked at too: list shows every size and age
+    for name in ("qwen.gguf", "notes.txt"):
+        assert by_name[name]["size"] == (root / name).stat().st_size, name
+        assert by_name[name]["age_seconds"] is not None, name
 
 
 def test_list_hides_ignored_and_dot_entries_unless_all(run_ocrd, root):

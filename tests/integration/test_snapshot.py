@@ -128,6 +128,78 @@ def test_directory_with_symlink_inside_is_not_followed(root: Path, tmp_path: Pat
     assert entry.size == 10 + len(str(target))
 
 
+def test_entries_not_examined_keep_kind_and_inode_only(root: Path, tmp_path: Path) -> None:
+    """With *examine*, other entries are listed, never looked at nor walked below."""
+    make_model(root, "old_a.bin", b"12345")
+    make_model(root, "keep.bin", b"123")
+    (root / "keep_dir").mkdir()
+    (root / "keep_dir" / "w.bin").write_bytes(b"w" * 10)
+    (root / "keep_link").symlink_to(tmp_path)
+    os.mkfifo(root / "keep_pipe")
+
+    entries = snapshot.scan(root, examine=lambda name: name.startswith("old_")).by_name()
+
+    old = entries["old_a.bin"]
+    st = os.lstat(root / "old_a.bin")
+    assert (old.size, old.mtime_ns, old.inode) == (5, st.st_mtime_ns, st.st_ino)
+    kinds = {"keep.bin": Kind.FILE, "keep_dir": Kind.DIR, "keep_link": Kind.SYMLINK}
+    kinds["keep_pipe"] = Kind.OTHER
+    for name, kind in kinds.items():
+        entry = entries[name]
+        assert entry.kind is kind, name
+        assert entry.inode == os.lstat(root / name).st_ino, name
+        assert (entry.size, entry.mtime, entry.mtime_ns) == (None, None, None), name
+
+
+@pytest.mark.parametrize("unmanaged", ["report", "prune"])
+def test_observe_examines_what_the_policy_may_act_on(
+    root: Path, tmp_path: Path, unmanaged: str
+) -> None:
+    """Prefix matches and required models are looked at (all entries with unmanaged: prune),
+    and the plan is the one a full scan gives."""
+    from conftest import write_policy
+
+    from ocrd.config import load_policy
+    from ocrd.plan import reconcile
+
+    make_model(root, "old_a.bin", b"1234", age=7200)
+    make_model(root, "old_b.bin", b"1", age=10)
+    make_model(root, "req.bin", b"required")
+    make_model(root, "keep.gguf", b"allowed")
+    make_model(root, "stray.bin", b"unmanaged", age=7200)
+    (root / "stray_dir").mkdir()
+    make_model(root / "stray_dir", "w.bin", b"w", age=7200)
+    os.utime(root / "stray_dir", (time.time() - 7200,) * 2)
+    data = {
+        "model_dir": str(root),
+        "state_dir": str(tmp_path / "state"),
+        "required": [{"name": "req.bin", "sha256": sha(b"required")}],
+        "whitelist": ["*.gguf"],
+        "prune": {"prefixes": ["old_"], "min_age": "1h", "max_fraction": 1},
+        "unmanaged": unmanaged,
+    }
+    policy = load_policy(write_policy(tmp_path / "policy.yaml", data)).policy
+
+    seen = snapshot.observe(policy, log=None)
+    looked_at = {e.name for e in seen.entries if e.size is not None}
+
+    everything = {"old_a.bin", "old_b.bin", "req.bin", "keep.gguf", "stray.bin", "stray_dir"}
+    if unmanaged == "prune":
+        assert looked_at == everything
+    else:
+        assert looked_at == {"old_a.bin", "old_b.bin", "req.bin"}
+    full = snapshot.observe(policy, log=None, full=True)
+    assert {e.name for e in full.entries if e.size is not None} == everything
+    now = time.time()
+    lazy_plan, full_plan = reconcile(policy, seen, now=now), reconcile(policy, full, now=now)
+    assert lazy_plan.actions == full_plan.actions
+    assert lazy_plan.reports == full_plan.reports
+    pruned = {a.name for a in lazy_plan.actions}
+    assert pruned == (
+        {"old_a.bin", "stray.bin", "stray_dir"} if unmanaged == "prune" else {"old_a.bin"}
+    )
+
+
 def test_dot_entries_are_in_the_snapshot(root: Path) -> None:
     """Dot-entries, ocrd's own among them, are observed; only classification ignores them."""
     make_model(root, ".hidden.bin")
