@@ -171,6 +171,7 @@ def reconcile(
     prune_unmanaged = policy.unmanaged == "prune"
     waiting = f"pruned once older than {format_duration(min_age)}"
     due: list[tuple[float, str, Classified]] = []  # (mtime, name, c): sorts oldest first
+    new, unmanaged_report = tuple.__new__, ReportKind.UNMANAGED
     corrupt: list[Classified] = []
     models = 0
     for c in classified:
@@ -179,7 +180,7 @@ def reconcile(
             continue
         models += 1
         if cls is UNMANAGED:
-            add_report(Report(ReportKind.UNMANAGED, c.name, "matches no rule"))
+            add_report(new(Report, (unmanaged_report, c.name, "matches no rule")))
             if not prune_unmanaged:
                 continue
         elif cls is not PRUNE:
@@ -259,19 +260,20 @@ def reconcile(
             Report(ReportKind.DEFERRED, name, f"over prune.max_per_cycle={cap}; next cycle")
         )
     mode, prune_kind = policy.prune.action, ActionKind.PRUNE
-    prunes = [
-        Action(
-            prune_kind,
-            name,
-            f"{rule}, {human_age(now - mtime)} old",
-            rule,
-            c.entry.size or 0,  # type: ignore[union-attr]
-            c.entry,
-            mode,
+    reasons: dict[tuple[str, int], str] = {}  # 50,000 prunes share a few reason texts
+    prunes: list[Action] = []
+    for mtime, name, c in due[:cap]:
+        rule = "unmanaged: prune" if c.cls is UNMANAGED else c.rule
+        key = (rule, int(now - mtime))  # all human_age looks at
+        reason = reasons.get(key)
+        if reason is None:
+            reason = reasons[key] = f"{rule}, {human_age(now - mtime)} old"
+        entry = c.entry
+        assert entry is not None
+        size = entry.size or 0
+        prunes.append(
+            new(Action, (prune_kind, name, reason, rule, size, entry, mode, None, None, None))
         )
-        for mtime, name, c in due[:cap]
-        for rule in ("unmanaged: prune" if c.cls is UNMANAGED else c.rule,)
-    ]
 
     # Quarantine retention.
     retention = policy.quarantine.retention

@@ -402,5 +402,10 @@ def no_gc_pauses() -> Iterator[None]:
     try:
         yield
     finally:
+        # What the cycle built and still holds goes straight to the oldest
+        # generation: re-enabled as is, the first allocation after the cycle
+        # would walk every one of those objects in a young-generation pass.
+        gc.freeze()
+        gc.unfreeze()
         if was_enabled:
             gc.enable()

@@ -528,3 +528,19 @@ def test_a_dead_writers_temp_file_is_swept_by_the_next_save(tmp_path: Path) -> N
     assert not dead.exists()
     assert alive.exists()
     assert (state / "hashes.json").exists()
+
+
+def test_no_gc_pauses_holds_the_collector_and_leaves_no_young_backlog() -> None:
+    """Inside, the cyclic collector is off; after, it is on again and what the cycle
+    built and still holds sits in the oldest generation (no young pass walks it)."""
+    import gc
+
+    assert gc.isenabled()
+    with snapshot.no_gc_pauses():
+        assert not gc.isenabled()
+        held = [(i, str(i)) for i in range(50_000)]
+    assert gc.isenabled()
+    young = {id(o) for o in gc.get_objects(generation=0)}
+    assert not any(id(t) in young for t in held[::1000])
+    oldest = {id(o) for o in gc.get_objects(generation=2)}
+    assert all(id(t) in oldest for t in held[::1000])
