@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from ocrd import executor
 from ocrd.engine import Engine
-from ocrd.model import ActionKind, Class, Outcome, Plan, ReportKind, Snapshot
+from ocrd.model import ActionKind, Outcome, Plan, ReportKind, Snapshot
 from ocrd.plan import reconcile
 from ocrd.policy import Policy
 from ocrd.snapshot import Progress, no_gc_pauses, observe
@@ -70,7 +70,9 @@ def run_cycle(
         recovered = (
             ()
             if dry_run
-            else tuple(executor.recover(root, log, names=(e.name for e in snapshot.entries)))
+            else tuple(
+                executor.recover(root, log, names=snapshot.names_starting(executor.OWN_PREFIX))
+            )
         )
         plan = reconcile(policy, snapshot, now=clock(), hold=hold)
         for error in plan.errors:
@@ -107,9 +109,7 @@ def run_cycle(
         )
         log.info(
             "cycle.finished",
-            models=sum(
-                1 for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED
-            ),
+            models=plan.models,
             planned=len(plan.actions),
             done=len(outcome.done),
             failed=len(outcome.failed),

@@ -28,7 +28,7 @@ from ocrd.engine import Engine, EngineError, make_engine
 from ocrd.errors import LockedError, ModelDirError, PolicyError
 from ocrd.handles import DeletedHeld, deleted_held, pinned_bytes, visibility
 from ocrd.lock import DirLock
-from ocrd.model import ActionKind, Class, ReportKind, Snapshot
+from ocrd.model import ActionKind, ReportKind, Snapshot
 from ocrd.plan import count_models, next_due
 from ocrd.systemd import Notifier, watchdog_interval
 from ocrd.watcher import Watcher
@@ -563,11 +563,7 @@ class Daemon:
         if last is None:
             base = "no cycle yet"
         else:
-            models = sum(
-                1
-                for c in last.plan.classified
-                if c.entry is not None and c.cls is not Class.IGNORED
-            )
+            models = last.plan.models
             pending = len(last.plan.actions) - len(last.outcome.done)
             base = (
                 f"models={models} pending={pending} busy={len(last.outcome.busy)} "

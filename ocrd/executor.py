@@ -21,7 +21,7 @@ import secrets
 import shutil
 import stat
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,8 +43,9 @@ from ocrd.model import (
     TrashItem,
 )
 
-TMP_PREFIX = ".ocrd-tmp-"
-DELETING_PREFIX = ".ocrd-deleting-"
+OWN_PREFIX = ".ocrd-"  # every name ocrd itself makes in the model dir
+TMP_PREFIX = OWN_PREFIX + "tmp-"
+DELETING_PREFIX = OWN_PREFIX + "deleting-"
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 LISTED = 50  # names per list in a log line
 
@@ -140,11 +141,19 @@ def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> No
 
     With *dir_fd* (the model dir, open) the entry is looked up relative to it.
     """
-    path = f"{root}/{entry.name}"  # names never hold "/"; join() is slow at 50,000 calls
     try:
-        st = os.lstat(path) if dir_fd is None else os.lstat(entry.name, dir_fd=dir_fd)
+        st = os.lstat(entry.name if dir_fd is not None else f"{root}/{entry.name}", dir_fd=dir_fd)
     except FileNotFoundError:
         raise Changed("vanished since the scan") from None
+    if (
+        entry.kind is Kind.FILE
+        and st.st_ino == entry.inode
+        and st.st_mtime_ns == entry.mtime_ns
+        and st.st_size == entry.size
+        and stat.S_ISREG(st.st_mode)
+    ):
+        return  # the common case, a plain file as scanned: one test, no name lookups
+    path = f"{root}/{entry.name}"  # names never hold "/"
     if snap.kind_of(st.st_mode) is not entry.kind or st.st_ino != entry.inode:
         raise Changed("replaced since the scan")
     if st.st_mtime_ns != entry.mtime_ns:
@@ -363,7 +372,8 @@ def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | N
 def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[str]:
     """Finish or roll back what a crash left behind; returns what was cleaned.
 
-    *names*: the model dir's entries if the caller has just listed them.
+    *names*: the model dir's entries if the caller has just listed them (those
+    starting with `.ocrd-` are enough).
     """
     cleaned = []
     if names is None:
@@ -456,15 +466,21 @@ def _find_holders(
     root: str, actions: tuple[Action, ...], index: IndexFn | None
 ) -> tuple[dict[int, list[Holder]], HandleIndex]:
     """Who holds each action's target (by action number): one /proc index for all."""
-    files: dict[int, tuple[tuple[int, int], str]] = {}  # action -> (device, inode), name
+    dir_kind, purge_kind = Kind.DIR, ActionKind.PURGE
+    # A file as scanned (nearly every target); if it is another inode by now,
+    # check_unchanged skips it.
+    files = [
+        (i, entry)
+        for i, action in enumerate(actions)
+        if (entry := action.entry) is not None
+        and entry.kind is not dir_kind
+        and action.kind is not purge_kind
+    ]
+    devices = {entry.device for _, entry in files}
     trees: dict[int, tuple[set[tuple[int, int]], set[str]]] = {}
-    devices: set[int] = set()
     for i, action in enumerate(actions):
         entry = action.entry
-        if entry is not None and entry.kind is not Kind.DIR and action.kind is not ActionKind.PURGE:
-            # A file as scanned; if it is another inode by now, check_unchanged skips it.
-            files[i] = ((entry.device, entry.inode), action.name)
-            devices.add(entry.device)
+        if entry is not None and entry.kind is not dir_kind and action.kind is not purge_kind:
             continue
         path = _target_path(root, action)
         if path is None:
@@ -482,9 +498,10 @@ def _find_holders(
         handle_index = index(devices)
     by_key, by_path = handle_index.holders, handle_index.paths
     held = {}
-    for i, (key, name) in files.items():
-        if key in by_key or (by_path and f"{root}/{name}" in by_path):
-            held[i] = handle_index.who({key}, {f"{root}/{name}"})
+    for i, entry in files:
+        key = (entry.device, entry.inode)
+        if key in by_key or (by_path and f"{root}/{entry.name}" in by_path):
+            held[i] = handle_index.who({key}, {f"{root}/{entry.name}"})
     for i, (keys, paths) in trees.items():
         holders = handle_index.who(keys, paths)
         if holders:
@@ -576,15 +593,42 @@ class _Acting:
             os.close(self.fd)
 
 
-def _models_after(plan: Plan, result: _Result) -> set[str]:
-    """ocrd's own listing after the actions: what it scanned, minus prunes, plus restores."""
-    names = {c.name for c in plan.classified if c.entry is not None and c.cls is not Class.IGNORED}
-    for action in result.done:
-        if action.kind is ActionKind.PRUNE:
-            names.discard(action.name)
-        elif action.kind is ActionKind.RESTORE:
-            names.add(action.name)
-    return names
+class _Listing:
+    """ocrd's own listing after the actions: what it scanned, minus prunes, plus restores.
+
+    Its count and first names come without a set of every name (100,000 for
+    a big model dir); that set is built only to compare with an engine that
+    lists models.
+    """
+
+    def __init__(self, plan: Plan, result: _Result) -> None:
+        self.plan = plan
+        self.pruned = {a.name for a in result.done if a.kind is ActionKind.PRUNE}
+        restores = [a for a in result.done if a.kind is ActionKind.RESTORE]
+        self.restored = {a.name for a in restores}
+        # A restore of a missing model adds one; of a corrupt one, replaces it.
+        self.count = plan.models - len(self.pruned) + sum(1 for a in restores if a.entry is None)
+
+    def _scanned(self) -> Iterator[str]:
+        """The scanned models' names that are still there, in name order."""
+        ignored, pruned = Class.IGNORED, self.pruned
+        for c in self.plan.classified:  # sorted by name
+            if c.entry is not None and c.cls is not ignored and c.name not in pruned:
+                yield c.name
+
+    def first(self) -> list[str]:
+        """The first LISTED names in order, reading only as far as needed."""
+        merged = heapq.merge(self._scanned(), sorted(self.restored))
+        out: list[str] = []
+        for name in merged:
+            if not out or out[-1] != name:  # a corrupt model restored is in both
+                out.append(name)
+                if len(out) == LISTED:
+                    break
+        return out
+
+    def names(self) -> set[str]:
+        return set(self._scanned()) | self.restored
 
 
 def _first(names: set[str]) -> list[str]:
@@ -593,7 +637,7 @@ def _first(names: set[str]) -> list[str]:
 
 
 def _open_and_compare(
-    engine: Engine, root: str, *, log: Log, release_ms: float, ours: set[str]
+    engine: Engine, root: str, *, log: Log, release_ms: float, ours: _Listing
 ) -> None:
     """Start the engine again and log its view of the models next to ocrd's."""
     started = time.monotonic()
@@ -605,15 +649,17 @@ def _open_and_compare(
     for path in listed:
         rel = os.path.relpath(path, where) if where else path
         seen.add(rel.split(os.sep, 1)[0])
-    if engine.name != "none" and seen != ours:
-        log.warning(
-            "engine.listing_differs",
-            engine=engine.name,
-            only_engine=_first(seen - ours),
-            only_ocrd=_first(ours - seen),
-            hint="expected without a licence: the library then lists only its default model; "
-            "ocrd's own scan is what it acts on",
-        )
+    if engine.name != "none":
+        names = ours.names()
+        if seen != names:
+            log.warning(
+                "engine.listing_differs",
+                engine=engine.name,
+                only_engine=_first(seen - names),
+                only_ocrd=_first(names - seen),
+                hint="expected without a licence: the library then lists only its default "
+                "model; ocrd's own scan is what it acts on",
+            )
     log.info(
         "engine.cycled",
         engine=engine.name,
@@ -623,8 +669,8 @@ def _open_and_compare(
         local_path=where,
         engine_models=_first(seen),
         engine_count=len(seen),
-        ocrd_models=_first(ours),
-        ocrd_count=len(ours),
+        ocrd_models=ours.first(),
+        ocrd_count=ours.count,
     )
 
 
@@ -730,7 +776,7 @@ def apply(
     engine_error = None
     try:
         _open_and_compare(
-            engine, root, log=log, release_ms=released_ms, ours=_models_after(plan, result)
+            engine, root, log=log, release_ms=released_ms, ours=_Listing(plan, result)
         )
     except Exception as exc:  # a failing engine is reported, never fatal
         engine_error = f"open failed: {exc}"

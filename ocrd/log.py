@@ -211,16 +211,19 @@ def emitter(logger: Any, level: str, event: str, keys: tuple[str, ...]) -> Calla
     if writer is None:
         method = getattr(logger, level)
         return lambda *values: method(event, **dict(zip(keys, values, strict=True)))
-    head = f'", "level": "{level}", "event": {_ascii(event)}'
-    names = [f", {_ascii(k)}: " for k in keys]
-    msg = writer.msg
+
+    # One %-template per event: '{"timestamp": "%s", "level": …, "model": %s, …}'.
+    def literal(text: str) -> str:
+        return _ascii(text).replace("%", "%%")
+
+    template = f'{{"timestamp": "%s", "level": "{level}", "event": {literal(event)}'
+    template += "".join(f", {literal(k)}: %s" for k in keys) + "}"
+    count, msg = len(keys), writer.msg
 
     def emit(*values: Any) -> None:
-        parts = ['{"timestamp": "', _timestamp(), head]
-        for name, value in zip(names, values, strict=True):
-            parts += (name, _value(value))
-        parts.append("}")
-        msg("".join(parts))
+        if len(values) != count:
+            raise TypeError(f"{event}: {count} values expected ({', '.join(keys)})")
+        msg(template % (_timestamp(), *map(_value, values)))
 
     return emit
 

@@ -8,6 +8,8 @@ per cycle, and a frozen dataclass costs about four times as much to create.
 
 from __future__ import annotations
 
+import bisect
+import operator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -49,9 +51,12 @@ class TrashItem(NamedTuple):
     sha256: str | None = None
 
 
+_entry_name = operator.attrgetter("name")
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """Observed state of one model dir at one instant."""
+    """Observed state of one model dir at one instant; entries sorted by name."""
 
     root: str
     device: int
@@ -60,6 +65,16 @@ class Snapshot:
 
     def by_name(self) -> dict[str, Entry]:
         return {e.name: e for e in self.entries}
+
+    def names_starting(self, prefix: str) -> list[str]:
+        """Entry names starting with *prefix*, found by bisection (entries sorted by name)."""
+        start = bisect.bisect_left(self.entries, prefix, key=_entry_name)
+        out = []
+        for entry in self.entries[start:]:
+            if not entry.name.startswith(prefix):
+                break
+            out.append(entry.name)
+        return out
 
 
 class Class(str, Enum):
@@ -139,6 +154,7 @@ class Plan:
     classified: tuple[Classified, ...] = ()
     errors: tuple[str, ...] = ()
     suspended: bool = False
+    models: int = 0  # entries that are models: everything scanned and not ignored
 
     @property
     def bytes_freed(self) -> int:

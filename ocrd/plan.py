@@ -115,7 +115,7 @@ def classify(policy: Policy, entry: Entry) -> Classified:
 
 
 def count_models(policy: Policy, snapshot: Snapshot) -> int:
-    """Entries that are models: everything not ignored."""
+    """Entries that are models: everything not ignored (Plan.models, without planning)."""
     classify_one = Classifier(policy)
     return sum(1 for e in snapshot.entries if classify_one(e).cls is not IGNORED)
 
@@ -309,6 +309,7 @@ def reconcile(
         classified=tuple(classified),
         errors=tuple(errors),
         suspended=policy.suspend,
+        models=models,
     )
 
 

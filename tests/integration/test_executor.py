@@ -1608,3 +1608,31 @@ def test_crash_at_every_rename_and_unlink(tmp_path: Path) -> None:
             pytest.fail(f"the cycle was still being killed after 200 {syscall} calls")
     # dir delete, file delete, quarantine + replace, two restores, purge: well over ten calls
     assert sum(kills.values()) >= 10, f"too few crash points, the plan did not run: {kills}"
+
+
+def test_engine_cycled_lists_the_models_left_after_the_actions(
+    root: Path, state: Path, tmp_path: Path
+) -> None:
+    """engine.cycled's ocrd_count and first names are the dir after prunes and restores."""
+    good = b"good"
+    source = make_model(tmp_path, "source.bin", good)
+    for name in ("old_a.bin", "old_b.bin", "keep.gguf", "req.bin", ".hidden", "x.part"):
+        make_model(root, name, b"corrupt" if name == "req.bin" else b"x")
+    for i in range(55):
+        make_model(root, f"m_{i:02d}.bin")
+    required = [
+        {"name": name, "sha256": sha(good), "source": str(source)} for name in ("a.bin", "req.bin")
+    ]
+    the_plan = plan_for(make_policy(root, state, required=required))
+    assert {a.name for a in the_plan.actions} == {"old_a.bin", "old_b.bin", "a.bin", "req.bin"}
+
+    outcome, logs = run_apply(the_plan, root, NoEngine())
+
+    assert len(outcome.done) == 4, outcome
+    left = sorted(
+        p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != "x.part"
+    )
+    assert "a.bin" in left and "req.bin" in left and "old_a.bin" not in left
+    (cycled,) = events(logs, "engine.cycled")
+    assert cycled["ocrd_count"] == len(left) == 58
+    assert cycled["ocrd_models"] == left[: executor.LISTED]

@@ -17,7 +17,7 @@ from ocrd import log
 FIELDS = ("model", "reason", "bytes", "dest", "mode", "extra")
 VALUES: tuple[Any, ...] = (
     'ünï "quoted" \\ name\n',
-    "prefix 'old_', 3m old",
+    "prefix 'old_', 3m old (100% %s %%)",
     12_345_678_901,
     ".ocrd-trash/20261127T000000Z-abcd/x",
     "quarantine",

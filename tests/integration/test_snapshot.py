@@ -544,3 +544,15 @@ def test_no_gc_pauses_holds_the_collector_and_leaves_no_young_backlog() -> None:
     assert not any(id(t) in young for t in held[::1000])
     oldest = {id(o) for o in gc.get_objects(generation=2)}
     assert all(id(t) in oldest for t in held[::1000])
+
+
+def test_names_starting_finds_ocrds_own_entries(root: Path) -> None:
+    """names_starting bisects the sorted entries: every match, nothing else."""
+    names = [".ocrd-tmp-1", ".ocrd-deleting-x", ".ocrd-trash", "-dash", "+plus", ".a", ".ocrdx"]
+    names += ["z.bin", "ocrd-tmp-2"]
+    for name in names:
+        make_model(root, name)
+    snap = snapshot.scan(root)
+    assert snap.names_starting(".ocrd-") == [".ocrd-deleting-x", ".ocrd-tmp-1", ".ocrd-trash"]
+    assert snap.names_starting("zz") == []
+    assert snap.names_starting("") == sorted(names)
