@@ -130,7 +130,7 @@ def _write_json(path: str, data: dict[str, Any]) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
+        fh.write(json.dumps(data))  # dumps: CPython's C encoder; dump() streams in Python
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)

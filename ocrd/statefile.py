@@ -55,7 +55,7 @@ def write_json(
         )
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=indent)
+                fh.write(json.dumps(data, indent=indent))  # the C encoder, unlike dump()
                 fh.write("\n")
                 if durable:
                     fh.flush()
