@@ -27,11 +27,16 @@ STAMP = re.compile(r'^\{"timestamp": "\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", '
 
 
 class Recorder(io.StringIO):
-    """A stream that counts its flushes."""
+    """A stream that counts its writes and flushes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.flushes = 0
+        self.writes = 0
+
+    def write(self, text: str) -> int:
+        self.writes += 1
+        return super().write(text)
 
     def flush(self) -> None:
         self.flushes += 1
@@ -91,14 +96,24 @@ def test_emitter_keeps_bound_context(stream: Recorder) -> None:
 
 
 def test_batched_lines_flush_at_the_end_not_one_by_one(stream: Recorder) -> None:
-    """Inside batched(), 1,000 lines cost a handful of flushes; all are out at the exit."""
-    before = stream.flushes
+    """Inside batched(), 1,000 lines cost a handful of writes and flushes, in order;
+    all are out at the exit."""
+    before, writes = stream.flushes, stream.writes
     emit = log.emitter(log.get(), "info", "model.pruned", ("model",))
     with log.batched():
         for i in range(1000):
             emit(f"m{i}")
-    assert len(lines(stream)) == 1000
+            if i == 500:
+                log.get().warning("model.busy", model="in between")
+    out = lines(stream)
+    assert len(out) == 1001
+    assert [json.loads(line)["model"] for line in out] == [
+        *(f"m{i}" for i in range(501)),
+        "in between",
+        *(f"m{i}" for i in range(501, 1000)),
+    ]
     assert stream.flushes - before < 50
+    assert stream.writes - writes < 50
     log.get().info("after.batch")
     assert stream.flushes > before  # outside a batch each line is flushed again
 
