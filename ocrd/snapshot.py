@@ -330,8 +330,11 @@ def scan(
                 name = child.name
                 try:
                     if examine is not None and not examine(name):
-                        entry = (name, _kind_listed(child), None, None, child.inode(), device)
-                        append(new(Entry, (*entry, None, None)))
+                        is_file = child.is_file(follow_symlinks=False)
+                        kind = file_kind if is_file else _kind_listed(child)
+                        append(
+                            new(Entry, (name, kind, None, None, child.inode(), device, None, None))
+                        )
                         continue
                     st = child.stat(follow_symlinks=False)
                     if is_reg(st.st_mode) and name not in pins:
