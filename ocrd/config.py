@@ -199,8 +199,10 @@ def _environment(path: Path) -> dict[str, Any]:
 def _set_nested(target: dict[str, Any], parts: list[str], value: Any) -> None:
     for part in parts[:-1]:
         inner = target.get(part)
-        if not isinstance(inner, dict):
+        if inner is None:
             inner = target[part] = {}
+        elif not isinstance(inner, dict):
+            return  # a JSON section that is no mapping: validation reports it
         target = inner
     target[parts[-1]] = value
 

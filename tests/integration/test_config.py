@@ -371,6 +371,19 @@ def test_environment_json_section_and_nested_keys_merge(
     assert policy.whitelist == ["*.gguf", "keep-*"]
 
 
+def test_environment_section_that_is_no_mapping_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OCRD_PRUNE must be a JSON object; a nested variable beside it does not hide that."""
+    path = policy_file(tmp_path, "model_dir: models\n")
+    monkeypatch.setenv("OCRD_PRUNE", '["old_"]')
+    monkeypatch.setenv("OCRD_PRUNE__MIN_AGE", "5m")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    problem = problem_at(exc.value, "prune")
+    assert problem.file == f"{path} (environment OCRD_PRUNE)"
+
+
 def test_environment_list_that_is_not_json_names_the_variable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
