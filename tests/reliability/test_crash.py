@@ -583,6 +583,7 @@ class Live:
         self.lines: list[dict[str, Any]] = []
         self.first_line_at: float | None = None
         self.ended = False
+        self.ended_at: float | None = None  # when its stdout closed: it exited
         self._cond = threading.Condition()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -600,7 +601,7 @@ class Live:
                 self.lines.append(line)
                 self._cond.notify_all()
         with self._cond:
-            self.ended = True
+            self.ended, self.ended_at = True, time.monotonic()
             self._cond.notify_all()
 
     def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
@@ -710,10 +711,10 @@ def clean_run(h: Harness, mode: str) -> tuple[float, float]:
     job = h.job(mode)
     live = h.live(job, "apply")
     code = live.finish()
-    ended = time.monotonic()
     assert code == 0, f"a plain `ocrd apply` failed: {live}"
     audit(job, converged=True, where=f"an unkilled apply ({mode})")
-    assert live.first_line_at is not None
+    assert live.first_line_at is not None and live.ended_at is not None
+    ended = live.ended_at  # not after finish(): the window is the process's own life
     h.done(job)
     return ended - live.started, ended - live.first_line_at
 
