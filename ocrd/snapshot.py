@@ -17,6 +17,7 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ocrd import statefile
@@ -34,6 +35,7 @@ BLOCK = 4 * 1024 * 1024
 CACHE_FILE = "hashes.json"
 
 _by_name = operator.attrgetter("name")
+_by_time_id = operator.attrgetter("trashed_at", "id")
 
 # progress(name, bytes_done, bytes_total)
 Progress = Callable[[str, int, int], None]
@@ -174,8 +176,16 @@ class HashCache:
 class Batch(NamedTuple):
     """One directory of `.ocrd-trash/`: what its record lists and what is in it."""
 
-    items: dict[str, TrashItem] | None  # by model name; None: no readable record
+    items: Mapping[str, TrashItem] | None  # by model name; None: no readable record
     payloads: frozenset[str]  # entries in the directory other than its record
+
+
+# Parsed records by path, with the (inode, mtime_ns, size) they were parsed at.
+# A record is written once (a new one is a new file), so a parse stays good
+# while those match: a 50,000-model batch's 5 MB record is not parsed again
+# on every cycle (and twice per cycle: by recovery and by the scan).
+_records: dict[str, tuple[tuple[int, int, int], Mapping[str, TrashItem] | None]] = {}
+RECORDS_KEPT = 256
 
 
 def _record_items(batch_id: str, rec: Any) -> dict[str, TrashItem]:
@@ -211,15 +221,35 @@ def read_batch(path: str) -> Batch:
     for record in (RECORD, LEGACY_RECORD):
         if record not in contents:
             continue
-        try:
-            with open(os.path.join(path, record), encoding="utf-8") as fh:
-                items = _record_items(os.path.basename(path), json.load(fh))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            items = None
+        items = _read_record(os.path.join(path, record), os.path.basename(path))
         if items is not None or record == RECORD:
             own.add(record)
         break
     return Batch(items, frozenset(contents - own))
+
+
+def _read_record(path: str, batch_id: str) -> Mapping[str, TrashItem] | None:
+    """A record's items by name (None if it cannot be read as one); see _records."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    with os.fdopen(fd, encoding="utf-8") as fh:
+        st = os.fstat(fd)
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        known = _records.get(path)
+        if known is not None and known[0] == key:
+            return known[1]
+        try:
+            items: Mapping[str, TrashItem] | None = MappingProxyType(
+                _record_items(batch_id, json.load(fh))
+            )
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            items = None
+    if len(_records) >= RECORDS_KEPT:
+        del _records[next(iter(_records))]  # the oldest parse
+    _records[path] = (key, items)
+    return items
 
 
 def read_trash(root: str) -> tuple[TrashItem, ...]:
@@ -240,7 +270,7 @@ def read_trash(root: str) -> tuple[TrashItem, ...]:
                 continue
             if batch.items is not None:
                 items.extend(t for name, t in batch.items.items() if name in batch.payloads)
-    return tuple(sorted(items, key=lambda t: (t.trashed_at, t.id)))
+    return tuple(sorted(items, key=_by_time_id))
 
 
 def _entry(

@@ -556,3 +556,37 @@ def test_names_starting_finds_ocrds_own_entries(root: Path) -> None:
     assert snap.names_starting(".ocrd-") == [".ocrd-deleting-x", ".ocrd-tmp-1", ".ocrd-trash"]
     assert snap.names_starting("zz") == []
     assert snap.names_starting("") == sorted(names)
+
+
+def test_a_record_is_parsed_once_while_it_is_the_same_file(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_batch reuses its parse of an unchanged record; a rewritten record is read again,
+    and the payload listing is always fresh."""
+    parses: list[str] = []
+    real = snapshot._record_items
+
+    def counting(batch_id: str, rec: Any) -> dict[str, Any]:
+        parses.append(batch_id)
+        return real(batch_id, rec)
+
+    monkeypatch.setattr(snapshot, "_record_items", counting)
+    trash = root / snapshot.TRASH
+    path = _batch(trash, "b1", _batch_record(["a.bin", "b.bin"], time.time()), ["a.bin", "b.bin"])
+
+    first = snapshot.read_batch(str(path))
+    (path / "b.bin").unlink()  # restored or purged meanwhile
+    second = snapshot.read_batch(str(path))
+    assert parses == ["b1"]
+    assert second.items == first.items and set(first.items or ()) == {"a.bin", "b.bin"}
+    assert second.payloads == {"a.bin"}
+    with pytest.raises(TypeError):
+        second.items["c.bin"] = second.items["a.bin"]  # type: ignore[index]  # read-only
+
+    record = path / snapshot.RECORD
+    tmp = path / "new-record"
+    tmp.write_text(json.dumps(_batch_record(["a.bin"], time.time())), encoding="utf-8")
+    os.replace(tmp, record)  # as ocrd writes files: a new inode under the name
+    third = snapshot.read_batch(str(path))
+    assert parses == ["b1", "b1"]
+    assert set(third.items or ()) == {"a.bin"}
