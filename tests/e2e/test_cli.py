@@ -1018,3 +1018,34 @@ def test_hashing_a_big_pinned_model_shows_progress_on_a_terminal_only(
     assert proc.returncode == 0
     assert b"hashing big.bin" in seen
     assert b"100%" in seen
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+from ocrd.cli import main
+atexit.register(lambda: print("exit handler ran", flush=True))
+if sys.argv[1] == "thread":
+    def late() -> None:
+        time.sleep(0.3)
+        print("thread finished", flush=True)
+    threading.Thread(target=late).start()
+sys.stdout.write("unflushed output\\n")  # no flush: main() must flush it
+sys.argv = ["ocrd", "--version"]
+main()
+"""
+
+
+@pytest.mark.parametrize("mode", ["alone", "thread"])
+def test_exit_runs_exit_handlers_and_waits_for_threads(mode: str) -> None:
+    """ocrd ends without the interpreter's teardown, but runs the exit handlers and loses
+    no output; with another thread still running it exits the usual way (and waits)."""
+    r = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, mode], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stderr
+    out = r.stdout.splitlines()
+    assert "unflushed output" in out
+    assert any(line.startswith("ocrd") for line in out), out  # --version
+    assert "exit handler ran" in out
+    if mode == "thread":
+        assert "thread finished" in out
