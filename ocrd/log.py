@@ -244,7 +244,8 @@ def emitter(logger: Any, level: str, event: str, keys: tuple[str, ...]) -> Calla
 
 @contextlib.contextmanager
 def batched() -> Iterator[None]:
-    """Inside, a line flushes the buffer only FLUSH_EVERY s after the last flush; exit flushes."""
+    """Inside, lines are held and written in one block FLUSH_EVERY s after the last; exit
+    writes the rest."""
     writer = _writer
     if writer is None:
         yield
