@@ -25,7 +25,7 @@ from ocrd.model import (
     ReportKind,
     Snapshot,
 )
-from ocrd.policy import Policy, format_duration, human_age
+from ocrd.policy import Policy, Required, format_duration, human_age
 
 
 def _glob_regex(globs: Sequence[str]) -> Callable[[str], re.Match[str] | None] | None:
@@ -142,6 +142,33 @@ def _corrupt_reason(entry: Entry, pin: str) -> str:
     return f"sha256 {entry.sha256[:12]}… differs from pin {pin[:12]}…"
 
 
+def _restore(
+    item: Required,
+    state: str,
+    entry: Entry | None,
+    hold: Mapping[str, str],
+    reports: list[Report],
+    actions: list[Action],
+) -> None:
+    """A restore of a missing or corrupt required model, if it has a source and is not held."""
+    if item.source is None:
+        return
+    if item.name in hold:
+        reports.append(Report(ReportKind.HELD, item.name, hold[item.name]))
+        return
+    actions.append(
+        Action(
+            ActionKind.RESTORE,
+            item.name,
+            reason=f"{state}; restore from {item.source}",
+            rule="required",
+            entry=entry,
+            source=str(item.source),
+            sha256=item.sha256,
+        )
+    )
+
+
 def reconcile(
     policy: Policy,
     snapshot: Snapshot,
@@ -210,38 +237,13 @@ def reconcile(
             continue
         classified.append(Classified(item.name, Class.MISSING, "required"))
         reports.append(Report(ReportKind.MISSING, item.name, "required model is absent"))
-        if item.source is not None and item.name in hold:
-            reports.append(Report(ReportKind.HELD, item.name, hold[item.name]))
-        elif item.source is not None:
-            actions.append(
-                Action(
-                    ActionKind.RESTORE,
-                    item.name,
-                    reason=f"missing; restore from {item.source}",
-                    rule="required",
-                    source=str(item.source),
-                    sha256=item.sha256,
-                )
-            )
+        _restore(item, "missing", None, hold, reports, actions)
     for c in corrupt:
         assert c.entry is not None
         item = sources[c.name]
         why = _corrupt_reason(c.entry, item.sha256 or "")
         reports.append(Report(ReportKind.CORRUPT, c.name, why))
-        if item.source is not None and c.name in hold:
-            reports.append(Report(ReportKind.HELD, c.name, hold[c.name]))
-        elif item.source is not None:
-            actions.append(
-                Action(
-                    ActionKind.RESTORE,
-                    c.name,
-                    reason=f"corrupt ({why}); restore from {item.source}",
-                    rule="required",
-                    entry=c.entry,
-                    source=str(item.source),
-                    sha256=item.sha256,
-                )
-            )
+        _restore(item, f"corrupt ({why})", c.entry, hold, reports, actions)
 
     # Prune candidates: prefix matches, and unmanaged entries when asked to.
     if due and len(due) > policy.prune.max_fraction * models:
