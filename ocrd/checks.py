@@ -6,10 +6,12 @@ import os
 import stat
 
 from ocrd.config import LoadedPolicy
-from ocrd.engine import EngineError, NoEngine, make_engine
-from ocrd.handles import build_index
-from ocrd.policy import Policy, conflicts
-from ocrd.snapshot import TRASH
+from ocrd.core.names import TRASH
+from ocrd.core.policy import Policy, conflicts
+from ocrd.engine.auto import make_engine
+from ocrd.engine.base import EngineError
+from ocrd.engine.none import NoEngine
+from ocrd.observe.handles import build_index
 
 Finding = tuple[str, str]  # (ok | warning | error, text)
 

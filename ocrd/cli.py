@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 import click
 
 from ocrd import __version__
-from ocrd.errors import EXIT_OK, EXIT_PENDING, EXIT_PROBLEMS, EXIT_USAGE, OcrdError
+from ocrd.core.errors import EXIT_OK, EXIT_PENDING, EXIT_PROBLEMS, EXIT_USAGE, OcrdError
 
 PROGRESS_MIN_BYTES = 256 * 1024 * 1024
 
@@ -138,10 +138,11 @@ def check(obj: _Context) -> None:
 @_run
 def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
     """Models with their class, the rule that decided it, size, age and pin."""
-    from ocrd import log, render
-    from ocrd.model import Class, Pin
-    from ocrd.plan import reconcile
-    from ocrd.snapshot import observe
+    from ocrd import log
+    from ocrd.core import render
+    from ocrd.core.model import Class, Pin
+    from ocrd.core.plan import reconcile
+    from ocrd.observe.scan import observe
 
     policy = obj.load().policy
     snapshot = observe(policy, log=log.get(), progress=_progress(), full=True)
@@ -170,9 +171,10 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
 @_run
 def plan(obj: _Context, as_json: bool, exit_code: bool) -> None:
     """What `apply` would do, with reasons and bytes freed. Changes nothing."""
-    from ocrd import log, render
-    from ocrd.plan import reconcile
-    from ocrd.snapshot import no_gc_pauses, observe
+    from ocrd import log
+    from ocrd.core import render
+    from ocrd.core.plan import reconcile
+    from ocrd.observe.scan import no_gc_pauses, observe
 
     policy = obj.load().policy
     with no_gc_pauses():
@@ -197,8 +199,9 @@ def apply(obj: _Context, dry_run: bool) -> None:
     """Run one reconcile cycle, then exit. Logs go to stdout."""
     from ocrd import log
     from ocrd.cycle import run_cycle
-    from ocrd.engine import EngineError, make_engine
-    from ocrd.lock import DirLock
+    from ocrd.daemon.lock import DirLock
+    from ocrd.engine.auto import make_engine
+    from ocrd.engine.base import EngineError
 
     loaded = obj.load(log_stream=sys.stdout)
     policy = loaded.policy
@@ -226,13 +229,13 @@ def apply(obj: _Context, dry_run: bool) -> None:
 
 
 def _deleted_held(root: str) -> list[dict[str, Any]]:
-    from ocrd.handles import deleted_held
+    from ocrd.observe.handles import deleted_held
 
     return [row.as_dict() for row in deleted_held(root)]
 
 
 def _require_dir(path: Path) -> None:
-    from ocrd.errors import ModelDirError
+    from ocrd.core.errors import ModelDirError
 
     if not path.is_dir():
         raise ModelDirError(
@@ -252,8 +255,8 @@ def trash() -> None:
 @_run
 def trash_list(obj: _Context, as_json: bool) -> None:
     """Quarantined models, oldest first."""
-    from ocrd import render
-    from ocrd.snapshot import read_trash
+    from ocrd.core import render
+    from ocrd.observe.trash import read_trash
 
     policy = obj.load().policy
     _require_dir(policy.model_dir)
@@ -273,11 +276,13 @@ def trash_list(obj: _Context, as_json: bool) -> None:
 @_run
 def trash_restore(obj: _Context, name: str, as_name: str | None) -> None:
     """Put a quarantined model back (NAME: its id, or its name for the newest copy)."""
-    from ocrd import executor, log
-    from ocrd.errors import UsageError
-    from ocrd.lock import DirLock
-    from ocrd.policy import check_name
-    from ocrd.snapshot import read_trash
+    from ocrd import log
+    from ocrd.act.fs import ActionError
+    from ocrd.act.trash import restore_from_trash
+    from ocrd.core.errors import UsageError
+    from ocrd.core.policy import check_name
+    from ocrd.daemon.lock import DirLock
+    from ocrd.observe.trash import read_trash
 
     policy = obj.load(log_stream=sys.stdout).policy
     _require_dir(policy.model_dir)
@@ -294,8 +299,8 @@ def trash_restore(obj: _Context, name: str, as_name: str | None) -> None:
             raise UsageError(f"nothing named {name!r} in the quarantine; see `ocrd trash list`")
         item = matches[-1]
         try:
-            restored = executor.restore_from_trash(root, item, as_name=as_name)
-        except (OSError, executor.ActionError) as exc:
+            restored = restore_from_trash(root, item, as_name=as_name)
+        except (OSError, ActionError) as exc:
             log.get().error(
                 "action.failed", model=item.name, action="trash.restore", error=str(exc)
             )
@@ -307,9 +312,9 @@ def trash_restore(obj: _Context, name: str, as_name: str | None) -> None:
 
 
 def _warn_if_pruned_again(policy: Any, name: str) -> None:
-    from ocrd.model import Class
-    from ocrd.plan import classify
-    from ocrd.snapshot import stat_entry
+    from ocrd.core.model import Class
+    from ocrd.core.plan import classify
+    from ocrd.observe.scan import stat_entry
 
     verdict = classify(policy, stat_entry(str(policy.model_dir), name))
     if verdict.cls is Class.PRUNE or (
@@ -330,41 +335,29 @@ def _warn_if_pruned_again(policy: Any, name: str) -> None:
 @_run
 def trash_purge(obj: _Context, purge_all: bool) -> None:
     """Delete quarantined models older than quarantine.retention (or all of them)."""
-    from ocrd import executor, log
-    from ocrd.lock import DirLock
-    from ocrd.snapshot import read_trash
+    from ocrd import log
+    from ocrd.act.trash import Purger
+    from ocrd.daemon.lock import DirLock
+    from ocrd.observe.trash import read_trash
 
     policy = obj.load(log_stream=sys.stdout).policy
     _require_dir(policy.model_dir)
     root = str(policy.model_dir)
     logger = log.get()
     failed = 0
-    emptied: set[str] = set()  # batches something was purged from
+    reason = "ocrd trash purge" + (" --all" if purge_all else "")
     with DirLock(policy.model_dir):
+        purger = Purger(root, log=logger)
         now = time.time()
         for item in read_trash(root):
             if not purge_all and now - item.trashed_at < policy.quarantine.retention:
                 continue
             try:
-                executor.purge(root, item.id)
-                emptied.add(item.id.split("/", 1)[0])
+                purger.purge(item.id, model=item.name, reason=reason, size=item.size)
             except OSError as exc:
                 failed += 1
                 logger.error("action.failed", model=item.name, action="purge", error=str(exc))
-                continue
-            logger.info(
-                "trash.purged",
-                model=item.name,
-                trash_id=item.id,
-                bytes=item.size,
-                reason="ocrd trash purge" + (" --all" if purge_all else ""),
-                dest="deleted",
-            )
-        for batch_id in sorted(emptied):
-            try:
-                executor.drop_if_empty(root, batch_id)
-            except OSError as exc:  # the next cycle's recovery tries again
-                logger.error("trash.cleanup_failed", error=str(exc))
+        purger.close()  # the next cycle's recovery drops what it could not
     sys.exit(EXIT_PROBLEMS if failed else EXIT_OK)
 
 
@@ -375,7 +368,7 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
 def run(obj: _Context, polling: bool) -> None:
     """The daemon, in the foreground (systemd runs it). Logs go to stdout."""
     from ocrd.config import policy_path
-    from ocrd.daemon import Daemon
+    from ocrd.daemon.loop import Daemon
 
     sys.exit(Daemon(policy_path(obj.config), force_polling=polling).run())
 
@@ -387,7 +380,7 @@ def run(obj: _Context, polling: bool) -> None:
 @_run
 def status(obj: _Context, as_json: bool) -> None:
     """The running daemon's last cycle. Exit 0 healthy, 1 degraded, 3 not running."""
-    from ocrd import status as statusfile
+    from ocrd.daemon import status as statusfile
 
     state_dir = _state_dir_even_if_invalid(obj)
     found = statusfile.read(state_dir)
@@ -413,9 +406,8 @@ def status(obj: _Context, as_json: bool) -> None:
 def _state_dir_even_if_invalid(obj: _Context) -> Path:
     """The policy's state dir; when the policy does not load (an operator is mid-edit,
     the daemon keeps the last good one), its raw `state_dir` or the default."""
-    from ocrd import yamlsafe
-    from ocrd.config import default_state_dir, policy_path
-    from ocrd.errors import PolicyError
+    from ocrd.config import default_state_dir, policy_path, yamlsafe
+    from ocrd.core.errors import PolicyError
 
     try:
         policy = obj.load().policy

@@ -7,12 +7,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from ocrd import executor
-from ocrd.engine import Engine
-from ocrd.model import ActionKind, Outcome, Plan, ReportKind, Snapshot
-from ocrd.plan import reconcile
-from ocrd.policy import Policy
-from ocrd.snapshot import Progress, no_gc_pauses, observe
+from ocrd.act.apply import apply
+from ocrd.act.fs import Log
+from ocrd.act.recovery import recover
+from ocrd.core.model import ActionKind, Outcome, Plan, ReportKind, Snapshot
+from ocrd.core.names import OWN_PREFIX
+from ocrd.core.plan import reconcile
+from ocrd.core.policy import Policy
+from ocrd.engine.base import Engine
+from ocrd.observe.hashing import Progress
+from ocrd.observe.scan import no_gc_pauses, observe
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,19 +31,30 @@ class CycleResult:
     @property
     def problems(self) -> list[str]:
         """Why the model dir is not converged after this cycle (empty: all good)."""
-        found = list(self.plan.errors)
-        if self.held_back:
-            found.append(self.held_back)
-        found += [f"{a.name}: {why}" for a, why in self.outcome.failed]
-        found += [f"{a.name}: {why}" for a, why in self.outcome.skipped]
+        return self.reasons(unfinished=True)
+
+    def reasons(self, *, unfinished: bool) -> list[str]:
+        """The problems, in one list for every caller.
+
+        With *unfinished* (the CLI's exit code) actions skipped this time and a
+        held-back cycle count too; the daemon leaves them out of its degraded
+        reasons (skipped ones are retried, a held-back cycle is reported as the
+        suspicious view it is).
+        """
+        found = [f"{a.name}: {why}" for a, why in self.outcome.failed]
+        if unfinished:
+            found += [f"{a.name}: {why}" for a, why in self.outcome.skipped]
+            if self.held_back:
+                found.append(self.held_back)
         if self.outcome.engine_error:
             found.append(f"engine: {self.outcome.engine_error}")
         restored = {a.name for a in self.outcome.done if a.kind is ActionKind.RESTORE}
         found += [
-            f"{r.name}: {r.kind.value} ({r.reason})"
+            f"{r.name}: {r.kind.value}"
             for r in self.plan.reports
             if r.kind in (ReportKind.MISSING, ReportKind.CORRUPT) and r.name not in restored
         ]
+        found += self.plan.errors
         return found
 
 
@@ -47,7 +62,7 @@ def run_cycle(
     policy: Policy,
     *,
     engine: Engine,
-    log: executor.Log,
+    log: Log,
     dry_run: bool = False,
     progress: Progress | None = None,
     clock: Callable[[], float] = time.time,
@@ -68,11 +83,7 @@ def run_cycle(
         held_back = gate(snapshot) if gate is not None else None
         dry_run = dry_run or held_back is not None
         recovered = (
-            ()
-            if dry_run
-            else tuple(
-                executor.recover(root, log, names=snapshot.names_starting(executor.OWN_PREFIX))
-            )
+            () if dry_run else tuple(recover(root, log, names=snapshot.names_starting(OWN_PREFIX)))
         )
         plan = reconcile(policy, snapshot, now=clock(), hold=hold)
         for error in plan.errors:
@@ -96,9 +107,7 @@ def run_cycle(
                 )
             outcome = Outcome()
         else:
-            outcome = executor.apply(
-                plan, root=root, engine=engine, log=log, clock=clock, stop=stop
-            )
+            outcome = apply(plan, root=root, engine=engine, log=log, clock=clock, stop=stop)
         result = CycleResult(
             snapshot,
             plan,
@@ -114,7 +123,7 @@ def run_cycle(
             done=len(outcome.done),
             failed=len(outcome.failed),
             skipped=len(outcome.skipped),
-            bytes_freed=sum(a.bytes for a in outcome.done if a.kind is not ActionKind.RESTORE),
+            bytes_freed=outcome.bytes_freed,
             suspended=plan.suspended,
             dry_run=dry_run,
             duration_ms=result.duration_ms,

@@ -32,6 +32,7 @@ LEVELS = {
     "error": logging.ERROR,
 }
 FLUSH_EVERY = 0.1  # seconds a batched line may wait in the buffer
+LISTED = 50  # names in one list of a log line (the first ones, in name order)
 
 _LEVEL_NAME = {"warn": "warning", "exception": "error", "fatal": "critical"}
 

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from ocrd import cli
 from ocrd.checks import run_checks
 from ocrd.config import load_policy
-from ocrd.policy import Policy
+from ocrd.core.policy import Policy
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -112,7 +112,7 @@ def _events_in_code() -> set[str]:
         re.S,
     )
     found: set[str] = set()
-    for path in (ROOT / "ocrd").glob("*.py"):
+    for path in (ROOT / "ocrd").rglob("*.py"):
         found |= set(pattern.findall(path.read_text(encoding="utf-8")))
     return found
 

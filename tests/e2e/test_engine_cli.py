@@ -24,7 +24,7 @@ from conftest import OCRD, make_model, wait_for, write_policy
 from engine_support import aspose_available
 
 SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
-HOST_MODULE = b"ocrd.enginehost"
+HOST_MODULE = b"ocrd.engine.child"
 START_TIMEOUT = 30.0
 
 # A process that keeps a model open through a descriptor until its stdin closes.

@@ -12,8 +12,8 @@ import pytest
 
 from ocrd import config
 from ocrd.config import LoadedPolicy, load_policy, policy_path
-from ocrd.errors import EXIT_USAGE, PolicyError, Problem
-from ocrd.yamlsafe import MAX_BYTES
+from ocrd.config.yamlsafe import MAX_BYTES
+from ocrd.core.errors import EXIT_USAGE, PolicyError, Problem
 
 SHA = "ab" * 32
 

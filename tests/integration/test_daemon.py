@@ -27,7 +27,8 @@ import pytest
 from conftest import OCRD, make_model, wait_for
 from daemonkit import DEBOUNCE, epoch, policy_data, read_status, save_policy
 
-from ocrd import snapshot
+from ocrd.core.names import TRASH
+from ocrd.observe.trash import read_batch, read_trash
 
 CAP = 5 * DEBOUNCE  # the daemon's hard cap on settling under constant writes
 # Longer than any debounce the daemon may still be in, and than the 0.5 s watchdog waits
@@ -437,9 +438,9 @@ def test_own_writes_do_not_cause_endless_cycles(
     pruned = daemon.mark()
     daemon.settle()
     # Each model quarantined once; the cycles left no batch without a model in it.
-    assert sorted(i.name for i in snapshot.read_trash(str(models))) == ["old_a", "old_b", "old_c"]
-    for batch in (models / snapshot.TRASH).iterdir():
-        assert snapshot.read_batch(str(batch)).payloads, f"{batch.name} holds no model"
+    assert sorted(i.name for i in read_trash(str(models))) == ["old_a", "old_b", "old_c"]
+    for batch in (models / TRASH).iterdir():
+        assert read_batch(str(batch)).payloads, f"{batch.name} holds no model"
     assert len(daemon.cycles(pruned)) <= 3
 
 

@@ -32,12 +32,14 @@ from engine_support import (
 )
 from structlog.testing import capture_logs
 
-from ocrd import executor
-from ocrd.engine import AsposeEngine, EngineError, NoEngine
-from ocrd.model import ActionKind, Plan
-from ocrd.plan import reconcile
-from ocrd.policy import Policy
-from ocrd.snapshot import scan
+from ocrd.act.apply import apply
+from ocrd.core.model import ActionKind, Plan
+from ocrd.core.plan import reconcile
+from ocrd.core.policy import Policy
+from ocrd.engine.aspose import AsposeEngine
+from ocrd.engine.base import EngineError
+from ocrd.engine.none import NoEngine
+from ocrd.observe.scan import scan
 
 DELETED = " (deleted)"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -166,7 +168,7 @@ def index_of(
 def shut(engine: AsposeEngine) -> None:
     """End whatever host *engine* still runs, whatever state it is in, and reap it."""
     engine.log = None
-    proc = engine.proc
+    proc = engine.host.proc if engine.host is not None else None
     if proc is None:
         return
     if proc.poll() is None and proc_state(proc.pid) == "T":
@@ -260,7 +262,7 @@ def test_open_starts_an_isolated_host_and_release_reaps_it(
             assert pid is not None
             os.kill(pid, 0)  # alive
             assert engine.alive()
-            assert b"ocrd.enginehost" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            assert b"ocrd.engine.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
             started = events(logs, "engine.started", pid=pid)
             assert len(started) == 1, logs
             assert started[0]["engine"] == "aspose"
@@ -294,7 +296,7 @@ def test_open_starts_an_isolated_host_and_release_reaps_it(
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
             assert not Path(f"/proc/{pid}").exists()
-            assert engine.proc is None
+            assert engine.pid is None
             assert not engine.alive()
             assert not events(logs, "engine.crashed"), logs
         finally:
@@ -335,7 +337,7 @@ def test_a_cycle_unmaps_the_loaded_model_before_deleting_it_and_the_space_comes_
                     (ActionKind.PRUNE, DEFAULT_MODEL_DIR)
                 ]
                 free_before = free_bytes(models)
-                outcome = executor.apply(plan, root=models, engine=engine, log=log)
+                outcome = apply(plan, root=models, engine=engine, log=log)
                 free_after = free_bytes(models)
 
                 assert [a.name for a in outcome.done] == [DEFAULT_MODEL_DIR], outcome
@@ -380,9 +382,7 @@ def test_a_model_held_by_a_running_host_is_busy_and_kept(
         plan = plan_for(prune_policy(models, state))
         assert [a.name for a in plan.actions] == [DEFAULT_MODEL_DIR]
         with capture_logs() as logs:
-            outcome = executor.apply(
-                plan, root=models, engine=NoEngine(), log=structlog.get_logger()
-            )
+            outcome = apply(plan, root=models, engine=NoEngine(), log=structlog.get_logger())
 
         assert outcome.done == (), outcome
         assert [r.name for r in outcome.busy] == [DEFAULT_MODEL_DIR], outcome
@@ -422,7 +422,7 @@ def test_a_killed_host_is_reported_crashed_at_release_and_open_starts_a_new_one(
             assert crashed[0]["log_level"] == "error"
             assert not events(logs, "engine.released"), logs
             assert pid_gone(first)
-            assert engine.proc is None
+            assert engine.pid is None
 
             engine.open(models)
             second = engine.pid
@@ -484,7 +484,7 @@ def test_a_stopped_host_is_killed_within_the_release_timeout(
             assert len(released) == 1, logs
             assert released[0]["how"] in ("kill", "terminate")
             assert pid_gone(pid)
-            assert engine.proc is None
+            assert engine.pid is None
         finally:
             shut(engine)
 

@@ -1,4 +1,4 @@
-"""executor.apply, recover and friends on real files with real processes (DESIGN §4, §5)."""
+"""apply, recover and friends on real files with real processes (DESIGN §4, §5)."""
 
 from __future__ import annotations
 
@@ -21,11 +21,20 @@ import structlog
 from conftest import make_model
 from structlog.testing import capture_logs
 
-from ocrd import cycle, executor, plan, snapshot
-from ocrd.engine import EngineError, NoEngine
-from ocrd.handles import HandleIndex, build_index
-from ocrd.model import ActionKind, Outcome, Plan, ReportKind
-from ocrd.policy import Policy
+from ocrd import cycle
+from ocrd.act.apply import apply
+from ocrd.act.recovery import recover
+from ocrd.act.trash import restore_from_trash
+from ocrd.core.model import ActionKind, Outcome, Plan, ReportKind
+from ocrd.core.names import DELETING_PREFIX, LEGACY_RECORD, RECORD, TMP_PREFIX, TRASH
+from ocrd.core.plan import reconcile
+from ocrd.core.policy import Policy
+from ocrd.engine.base import EngineError
+from ocrd.engine.none import NoEngine
+from ocrd.log import LISTED
+from ocrd.observe.handles import HandleIndex, build_index
+from ocrd.observe.scan import scan
+from ocrd.observe.trash import read_trash
 
 DAY = 86400.0
 
@@ -59,18 +68,16 @@ def make_policy(
 
 
 def plan_for(policy: Policy) -> Plan:
-    snap = snapshot.scan(policy.model_dir, pins=policy.pins())
-    return plan.reconcile(policy, snap, now=time.time())
+    snap = scan(policy.model_dir, pins=policy.pins())
+    return reconcile(policy, snap, now=time.time())
 
 
 def run_apply(
     the_plan: Plan, root: Path, engine: Any, **kwargs: Any
 ) -> tuple[Outcome, list[dict[str, Any]]]:
-    """executor.apply with the log captured as dicts."""
+    """apply with the log captured as dicts."""
     with capture_logs() as logs:
-        outcome = executor.apply(
-            the_plan, root=root, engine=engine, log=structlog.get_logger(), **kwargs
-        )
+        outcome = apply(the_plan, root=root, engine=engine, log=structlog.get_logger(), **kwargs)
     return outcome, logs
 
 
@@ -97,9 +104,7 @@ def tree(path: Path) -> dict[str, tuple[Any, ...]]:
 
 
 def leftovers(root: Path) -> list[str]:
-    return sorted(
-        n for n in os.listdir(root) if n.startswith((executor.TMP_PREFIX, executor.DELETING_PREFIX))
-    )
+    return sorted(n for n in os.listdir(root) if n.startswith((TMP_PREFIX, DELETING_PREFIX)))
 
 
 def _payload(where: Path, name: str, data: bytes | dict[str, bytes]) -> int:
@@ -117,11 +122,11 @@ def trash_item(
     root: Path, item_id: str, name: str, data: bytes | dict[str, bytes], *, trashed_at: float
 ) -> Path:
     """A complete legacy (v1) quarantine item built by hand: one model and its record.json."""
-    item = root / snapshot.TRASH / item_id
+    item = root / TRASH / item_id
     item.mkdir(parents=True)
     size = _payload(item, name, data)
     record = {"name": name, "trashed_at": trashed_at, "reason": "t", "size": size, "sha256": None}
-    (item / snapshot.LEGACY_RECORD).write_text(json.dumps(record), encoding="utf-8")
+    (item / LEGACY_RECORD).write_text(json.dumps(record), encoding="utf-8")
     return item
 
 
@@ -134,7 +139,7 @@ def trash_batch(
     never_moved: tuple[str, ...] = (),
 ) -> Path:
     """A v2 quarantine batch built by hand: *models* moved in, *never_moved* only listed."""
-    batch = root / snapshot.TRASH / batch_id
+    batch = root / TRASH / batch_id
     batch.mkdir(parents=True)
     items = [
         {"name": name, "reason": "t", "size": _payload(batch, name, data), "sha256": None}
@@ -142,19 +147,19 @@ def trash_batch(
     ]
     items += [{"name": n, "reason": "t", "size": 1, "sha256": None} for n in never_moved]
     record = {"version": 2, "trashed_at": trashed_at, "items": items}
-    (batch / snapshot.RECORD).write_text(json.dumps(record), encoding="utf-8")
+    (batch / RECORD).write_text(json.dumps(record), encoding="utf-8")
     return batch
 
 
 def batch_dirs(root: Path) -> list[str]:
     """The directories in the model dir's quarantine (none if it has no quarantine)."""
-    trash = root / snapshot.TRASH
+    trash = root / TRASH
     return sorted(os.listdir(trash)) if trash.is_dir() else []
 
 
 def read_record(batch: Path) -> dict[str, Any]:
     """A v2 batch's record, parsed."""
-    record: dict[str, Any] = json.loads((batch / snapshot.RECORD).read_text(encoding="utf-8"))
+    record: dict[str, Any] = json.loads((batch / RECORD).read_text(encoding="utf-8"))
     return record
 
 
@@ -178,6 +183,12 @@ class FakeEngine:
         self.fd: int | None = None
         self.released_intact: list[bool] = []
         self.opened_with_model: list[bool] = []
+
+    hosted = False
+    pid = None
+
+    def alive(self) -> bool:
+        return True
 
     def open(self, model_dir: Path) -> None:
         self.journal.append("open")
@@ -522,11 +533,11 @@ def test_quarantine_file_with_record(root: Path, state: Path) -> None:
 
     assert outcome.done == (action,)
     assert not model.exists()
-    (item,) = snapshot.read_trash(str(root))
+    (item,) = read_trash(str(root))
     batch_id, name = item.id.split("/")
     assert name == item.name == "old_model.bin"
     assert batch_dirs(root) == [batch_id]
-    batch = root / snapshot.TRASH / batch_id
+    batch = root / TRASH / batch_id
     moved = batch / "old_model.bin"
     assert moved.read_bytes() == data
     assert moved.stat().st_ino == inode  # an atomic rename, not a copy
@@ -542,12 +553,12 @@ def test_quarantine_file_with_record(root: Path, state: Path) -> None:
     assert "prefix 'old_'" in listed["reason"]
     assert listed["size"] == len(data)
     assert listed["sha256"] in (None, sha(data))
-    assert sorted(os.listdir(batch)) == sorted(["old_model.bin", snapshot.RECORD])
+    assert sorted(os.listdir(batch)) == sorted(["old_model.bin", RECORD])
     (pruned,) = events(logs, "model.pruned")
     assert pruned["model"] == "old_model.bin"
     assert pruned["reason"] == action.reason
     assert pruned["bytes"] == len(data)
-    assert pruned["dest"] == f"{snapshot.TRASH}/{item.id}"
+    assert pruned["dest"] == f"{TRASH}/{item.id}"
     assert leftovers(root) == []
 
 
@@ -562,12 +573,12 @@ def test_quarantine_directory_model(root: Path, state: Path) -> None:
     outcome, logs = run_apply(plan_for(make_policy(root, state)), root, NoEngine())
     assert [a.name for a in outcome.done] == ["old_Qwen-GGUF"]
     assert not model.exists()
-    (item,) = snapshot.read_trash(str(root))
+    (item,) = read_trash(str(root))
     assert item.id.endswith("/old_Qwen-GGUF")
-    assert tree(root / snapshot.TRASH / item.id) == before
+    assert tree(root / TRASH / item.id) == before
     assert item.size == 3500 + len("a.gguf")
     (pruned,) = events(logs, "model.pruned")
-    assert (pruned["bytes"], pruned["dest"]) == (item.size, f"{snapshot.TRASH}/{item.id}")
+    assert (pruned["bytes"], pruned["dest"]) == (item.size, f"{TRASH}/{item.id}")
 
 
 # --------------------------------------------------------------------------- (e2) batches
@@ -592,10 +603,10 @@ def test_one_cycle_quarantines_into_one_batch(root: Path, state: Path) -> None:
     t1 = time.time()
 
     assert sorted(a.name for a in outcome.done) == names
-    assert sorted(os.listdir(root)) == [snapshot.TRASH, "keep.gguf"]
+    assert sorted(os.listdir(root)) == [TRASH, "keep.gguf"]
     (batch_id,) = batch_dirs(root)
-    batch = root / snapshot.TRASH / batch_id
-    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, *names])
+    batch = root / TRASH / batch_id
+    assert sorted(os.listdir(batch)) == sorted([RECORD, *names])
     assert {name: os.lstat(batch / name).st_ino for name in names} == inodes  # renamed
     for name, data in files.items():
         assert (batch / name).read_bytes() == data
@@ -609,11 +620,11 @@ def test_one_cycle_quarantines_into_one_batch(root: Path, state: Path) -> None:
     for listed in record["items"]:
         action = planned[listed["name"]]
         assert (listed["reason"], listed["size"]) == (action.reason, action.bytes)
-    items = snapshot.read_trash(str(root))
+    items = read_trash(str(root))
     assert sorted(i.id for i in items) == [f"{batch_id}/{name}" for name in names]
     assert {i.trashed_at for i in items} == {record["trashed_at"]}
     dests = {e["model"]: e["dest"] for e in events(logs, "model.pruned")}
-    assert dests == {name: f"{snapshot.TRASH}/{batch_id}/{name}" for name in names}
+    assert dests == {name: f"{TRASH}/{batch_id}/{name}" for name in names}
     assert leftovers(root) == []
 
 
@@ -635,12 +646,12 @@ def test_listed_model_that_never_moved_is_not_a_trash_item(
     ]
     assert skipped.read_bytes() == b"b" * 20
     (batch_id,) = batch_dirs(root)
-    batch = root / snapshot.TRASH / batch_id
+    batch = root / TRASH / batch_id
     assert sorted(i["name"] for i in read_record(batch)["items"]) == ["old_a.bin", "old_b.bin"]
-    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "old_a.bin"])
-    assert [i.id for i in snapshot.read_trash(str(root))] == [f"{batch_id}/old_a.bin"]
+    assert sorted(os.listdir(batch)) == sorted([RECORD, "old_a.bin"])
+    assert [i.id for i in read_trash(str(root))] == [f"{batch_id}/old_a.bin"]
     with capture_logs():
-        assert executor.recover(str(root), structlog.get_logger()) == []  # a complete batch
+        assert recover(str(root), structlog.get_logger()) == []  # a complete batch
     assert batch_dirs(root) == [batch_id]
 
 
@@ -675,8 +686,8 @@ def test_cycle_that_moves_nothing_leaves_no_batch(
         assert all("not permitted" in e["error"] for e in events(logs, "action.failed"))
     assert events(logs, "model.pruned") == []
     assert batch_dirs(root) == []
-    assert {k: v for k, v in tree(root).items() if k != snapshot.TRASH} == before
-    assert snapshot.read_trash(str(root)) == ()
+    assert {k: v for k, v in tree(root).items() if k != TRASH} == before
+    assert read_trash(str(root)) == ()
     assert leftovers(root) == []
 
 
@@ -688,22 +699,22 @@ def test_restoring_from_a_batch_keeps_the_rest_and_drops_it_when_empty(
     make_model(root, "old_b.bin", b"b" * 20, age=3600)
     run_apply(plan_for(make_policy(root, state)), root, NoEngine())
     (batch_id,) = batch_dirs(root)
-    batch = root / snapshot.TRASH / batch_id
-    items = {i.name: i for i in snapshot.read_trash(str(root))}
+    batch = root / TRASH / batch_id
+    items = {i.name: i for i in read_trash(str(root))}
     assert sorted(items) == ["old_a.bin", "old_b.bin"]
 
-    assert executor.restore_from_trash(str(root), items["old_a.bin"]) == "old_a.bin"
+    assert restore_from_trash(str(root), items["old_a.bin"]) == "old_a.bin"
     assert (root / "old_a.bin").read_bytes() == b"a" * 10
     assert batch_dirs(root) == [batch_id]
-    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "old_b.bin"])
-    assert snapshot.read_trash(str(root)) == (items["old_b.bin"],)
+    assert sorted(os.listdir(batch)) == sorted([RECORD, "old_b.bin"])
+    assert read_trash(str(root)) == (items["old_b.bin"],)
 
-    restored = executor.restore_from_trash(str(root), items["old_b.bin"], as_name="keep_b.bin")
+    restored = restore_from_trash(str(root), items["old_b.bin"], as_name="keep_b.bin")
     assert restored == "keep_b.bin"
     assert (root / "keep_b.bin").read_bytes() == b"b" * 20
     assert batch_dirs(root) == []
-    assert snapshot.read_trash(str(root)) == ()
-    assert sorted(os.listdir(root)) == [snapshot.TRASH, "keep_b.bin", "old_a.bin"]
+    assert read_trash(str(root)) == ()
+    assert sorted(os.listdir(root)) == [TRASH, "keep_b.bin", "old_a.bin"]
     assert leftovers(root) == []
 
 
@@ -717,11 +728,11 @@ def test_purging_from_a_batch_keeps_the_rest_and_drops_it_when_empty(
     policy = make_policy(root, state)
     run_apply(plan_for(policy), root, NoEngine())
     (batch_id,) = batch_dirs(root)
-    batch = root / snapshot.TRASH / batch_id
+    batch = root / TRASH / batch_id
     later = time.time() + 8 * DAY  # past the 7d retention
 
     def purge_plan() -> Plan:
-        the_plan = plan.reconcile(policy, snapshot.scan(root), now=later)
+        the_plan = reconcile(policy, scan(root), now=later)
         assert {a.kind for a in the_plan.actions} == {ActionKind.PURGE}
         return the_plan
 
@@ -731,16 +742,16 @@ def test_purging_from_a_batch_keeps_the_rest_and_drops_it_when_empty(
     assert [a.trash_id for a in outcome.done] == [f"{batch_id}/old_dir"]
     assert [e["trash_id"] for e in events(logs, "trash.purged")] == [f"{batch_id}/old_dir"]
     assert batch_dirs(root) == [batch_id]
-    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "old_a.bin"])
+    assert sorted(os.listdir(batch)) == sorted([RECORD, "old_a.bin"])
     assert (batch / "old_a.bin").read_bytes() == b"a" * 4096
-    assert [i.id for i in snapshot.read_trash(str(root))] == [f"{batch_id}/old_a.bin"]
+    assert [i.id for i in read_trash(str(root))] == [f"{batch_id}/old_a.bin"]
     assert leftovers(root) == []
 
     outcome, logs = run_apply(purge_plan(), root, NoEngine())
     assert [a.trash_id for a in outcome.done] == [f"{batch_id}/old_a.bin"]
     assert batch_dirs(root) == []
-    assert snapshot.read_trash(str(root)) == ()
-    assert os.listdir(root) == [snapshot.TRASH]
+    assert read_trash(str(root)) == ()
+    assert os.listdir(root) == [TRASH]
     assert leftovers(root) == []
 
 
@@ -751,7 +762,7 @@ def test_model_named_record_json_is_quarantined_and_restored_intact(
     # Its bytes even look like a v1 record of another model.
     decoy = {"name": "decoy.bin", "trashed_at": 0.0, "reason": "x", "size": 1, "sha256": None}
     data = json.dumps(decoy).encode()
-    model = make_model(root, snapshot.LEGACY_RECORD, data, age=3600)
+    model = make_model(root, LEGACY_RECORD, data, age=3600)
     inode = model.stat().st_ino
     the_plan = plan_for(make_policy(root, state, unmanaged="prune"))
     assert [a.name for a in the_plan.actions] == ["record.json"]
@@ -759,21 +770,21 @@ def test_model_named_record_json_is_quarantined_and_restored_intact(
 
     assert [a.name for a in outcome.done] == ["record.json"]
     assert [e["model"] for e in events(logs, "model.pruned")] == ["record.json"]
-    (item,) = snapshot.read_trash(str(root))
+    (item,) = read_trash(str(root))
     (batch_id,) = batch_dirs(root)
     assert (item.id, item.name, item.size) == (f"{batch_id}/record.json", "record.json", len(data))
-    batch = root / snapshot.TRASH / batch_id
-    assert sorted(os.listdir(batch)) == sorted([snapshot.RECORD, "record.json"])
+    batch = root / TRASH / batch_id
+    assert sorted(os.listdir(batch)) == sorted([RECORD, "record.json"])
     assert (batch / "record.json").read_bytes() == data
     with capture_logs() as recovery:
-        assert executor.recover(str(root), structlog.get_logger()) == []
+        assert recover(str(root), structlog.get_logger()) == []
     assert recovery == []  # a complete batch: nothing removed, nothing kept back
-    assert snapshot.read_trash(str(root)) == (item,)
+    assert read_trash(str(root)) == (item,)
 
-    assert executor.restore_from_trash(str(root), item) == "record.json"
+    assert restore_from_trash(str(root), item) == "record.json"
     assert (model.read_bytes(), model.stat().st_ino) == (data, inode)
     assert batch_dirs(root) == []
-    assert snapshot.read_trash(str(root)) == ()
+    assert read_trash(str(root)) == ()
 
 
 # --------------------------------------------------------------------------- (f) delete
@@ -833,13 +844,13 @@ def test_symlink_to_outside_is_removed_as_link(
     assert len(events(logs, "model.pruned")) == 1
     assert leftovers(root) == []
     if mode == "quarantine":
-        (item,) = snapshot.read_trash(str(root))
+        (item,) = read_trash(str(root))
         assert item.id.endswith("/old_link")
-        moved = root / snapshot.TRASH / item.id
+        moved = root / TRASH / item.id
         assert moved.is_symlink()
         assert os.readlink(moved) == str(target)
     else:
-        assert not (root / snapshot.TRASH).exists()
+        assert not (root / TRASH).exists()
 
 
 # --------------------------------------------------------------------------- (g) re-stat
@@ -949,7 +960,7 @@ def test_corrupt_model_replaced_before_restore_is_left(
     assert [(a.name, why) for a, why in outcome.skipped] == [("req.bin", "replaced since the scan")]
     assert [e["model"] for e in events(logs, "model.changed")] == ["req.bin"]
     assert leftovers(root) == []
-    assert snapshot.read_trash(str(root)) == ()
+    assert read_trash(str(root)) == ()
 
 
 # --------------------------------------------------------------------------- (h) failures
@@ -957,7 +968,7 @@ def test_corrupt_model_replaced_before_restore_is_left(
 
 def test_trash_is_a_file_fails_prunes_not_the_rest(root: Path, state: Path, tmp_path: Path) -> None:
     """Quarantines that fail (trash is a file) are each logged; the restore still happens."""
-    (root / snapshot.TRASH).write_text("in the way", encoding="utf-8")
+    (root / TRASH).write_text("in the way", encoding="utf-8")
     a = make_model(root, "old_a.bin", b"a", age=7200)
     b = make_model(root, "old_b.bin", b"b", age=3600)
     good = b"required model"
@@ -981,7 +992,7 @@ def test_trash_is_a_file_fails_prunes_not_the_rest(root: Path, state: Path, tmp_
     assert sorted(e["model"] for e in failed) == ["old_a.bin", "old_b.bin"]
     assert all("not a directory" in e["error"] for e in failed)
     assert (a.read_bytes(), b.read_bytes()) == (b"a", b"b")
-    assert (root / snapshot.TRASH).read_text(encoding="utf-8") == "in the way"
+    assert (root / TRASH).read_text(encoding="utf-8") == "in the way"
     assert len(events(logs, "engine.cycled")) == 1
     assert outcome.ok is False
 
@@ -1000,7 +1011,7 @@ def test_missing_source_fails_restore_not_prunes(root: Path, state: Path, tmp_pa
     assert [a.name for a, _ in outcome.failed] == ["req.bin"]
     assert [a.name for a in outcome.done] == ["old_a.bin"]
     assert [e["model"] for e in events(logs, "action.failed")] == ["req.bin"]
-    assert sorted(os.listdir(root)) == [snapshot.TRASH]
+    assert sorted(os.listdir(root)) == [TRASH]
 
 
 @pytest.fixture
@@ -1048,7 +1059,7 @@ def test_one_failing_prune_does_not_stop_the_next(
     assert [e["model"] for e in events(logs, "model.pruned")] == ["old_b_free.bin"]
     assert (stuck.read_bytes(), stuck.stat().st_ino) == (b"stuck", inode)
     assert not free.exists()
-    assert [i.name for i in snapshot.read_trash(str(root))] == (
+    assert [i.name for i in read_trash(str(root))] == (
         ["old_b_free.bin"] if mode == "quarantine" else []
     )
     assert leftovers(root) == []
@@ -1079,7 +1090,7 @@ def test_restore_missing_via_tmp_name(
     assert source.read_bytes() == good
     placed = [c for c in journal if c.startswith(("link:", "rename:"))]
     assert len(placed) == 1
-    assert placed[0].split(":", 1)[1].startswith(executor.TMP_PREFIX)
+    assert placed[0].split(":", 1)[1].startswith(TMP_PREFIX)
     assert leftovers(root) == []
     assert sorted(os.listdir(root)) == ["keep.gguf", "req.bin"]
     (restored,) = events(logs, "model.restored")
@@ -1123,14 +1134,14 @@ def test_restore_replaces_corrupt_model(root: Path, state: Path, tmp_path: Path)
 
     assert [a.name for a in outcome.done] == ["req.bin"]
     assert (root / "req.bin").read_bytes() == good
-    (item,) = snapshot.read_trash(str(root))
+    (item,) = read_trash(str(root))
     assert item.id.endswith("/req.bin")
-    assert (root / snapshot.TRASH / item.id).read_bytes() == corrupt
+    assert (root / TRASH / item.id).read_bytes() == corrupt
     assert item.sha256 == sha(corrupt)
     assert item.size == len(corrupt)
     assert "corrupt" in item.reason
     (restored,) = events(logs, "model.restored")
-    assert restored["replaced"] == f"{snapshot.TRASH}/{item.id}"
+    assert restored["replaced"] == f"{TRASH}/{item.id}"
     assert leftovers(root) == []
     assert plan_for(policy).actions == ()
 
@@ -1252,9 +1263,9 @@ def test_purge_expired_quarantine_items(root: Path, state: Path) -> None:
     outcome, logs = run_apply(the_plan, root, NoEngine())
 
     assert len(outcome.done) == 2
-    assert sorted(os.listdir(root / snapshot.TRASH)) == [fresh.name]
-    assert [i.name for i in snapshot.read_trash(str(root))] == ["old_c.bin"]
-    assert sorted(os.listdir(root)) == [snapshot.TRASH, "keep.gguf"]
+    assert sorted(os.listdir(root / TRASH)) == [fresh.name]
+    assert [i.name for i in read_trash(str(root))] == ["old_c.bin"]
+    assert sorted(os.listdir(root)) == [TRASH, "keep.gguf"]
     assert leftovers(root) == []
     purged = sorted(events(logs, "trash.purged"), key=lambda e: e["trash_id"])
     assert [(e["model"], e["bytes"], e["dest"], e["trash_id"]) for e in purged] == [
@@ -1287,14 +1298,14 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     (root / "dir-model").mkdir()
     make_model(root / "dir-model", ".ocrd-tmp-nested", b"not top level")
     make_model(root, ".ocrd-tmpfile", b"not our prefix")
-    trash = root / snapshot.TRASH
+    trash = root / TRASH
     now = time.time()
     # v2 batches: one record per cycle, written before anything moves in
     complete = trash_batch(root, "complete", {"c.bin": b"c"}, trashed_at=now, never_moved=("n",))
     trash_batch(root, "record-only", {}, trashed_at=now, never_moved=("r.bin",))
     tmp_record = trash / "tmp-record"
     tmp_record.mkdir()
-    (tmp_record / (snapshot.RECORD + ".tmp")).write_text("{", "utf-8")
+    (tmp_record / (RECORD + ".tmp")).write_text("{", "utf-8")
     (trash / "empty").mkdir()
     unlisted = trash_batch(root, "unlisted", {"u.bin": b"listed"}, trashed_at=now)
     make_model(unlisted, "stray.bin", b"payload its record does not list")
@@ -1303,7 +1314,7 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     make_model(orphan, "p.bin", b"payload without record")
     garbled = trash / "garbled-record"
     garbled.mkdir()
-    (garbled / snapshot.RECORD).write_text("{not json", "utf-8")
+    (garbled / RECORD).write_text("{not json", "utf-8")
     make_model(garbled, "g.bin", b"payload with bad record")
     # v1 (legacy) items: one model and its record.json per directory
     legacy = trash_item(root, "legacy", "l.bin", b"l", trashed_at=now)
@@ -1311,25 +1322,25 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     (legacy_record_only / "lr.bin").rename(root.parent / "lr.bin")
     legacy_tmp = trash / "legacy-tmp-record"
     legacy_tmp.mkdir()
-    (legacy_tmp / (snapshot.LEGACY_RECORD + ".tmp")).write_text("{", "utf-8")
+    (legacy_tmp / (LEGACY_RECORD + ".tmp")).write_text("{", "utf-8")
     legacy_wrong = trash_item(root, "legacy-wrong-payload", "w.bin", b"w", trashed_at=now)
     (legacy_wrong / "w.bin").rename(legacy_wrong / "other.bin")
 
     with capture_logs() as logs:
-        cleaned = executor.recover(str(root), structlog.get_logger())
+        cleaned = recover(str(root), structlog.get_logger())
 
     assert sorted(cleaned) == sorted(
         [
             ".ocrd-tmp-0011223344556677",
             ".ocrd-deleting-8899aabbccddeeff",
-            f"{snapshot.TRASH}/empty",
-            f"{snapshot.TRASH}/record-only",
-            f"{snapshot.TRASH}/tmp-record",
-            f"{snapshot.TRASH}/legacy-record-only",
-            f"{snapshot.TRASH}/legacy-tmp-record",
+            f"{TRASH}/empty",
+            f"{TRASH}/record-only",
+            f"{TRASH}/tmp-record",
+            f"{TRASH}/legacy-record-only",
+            f"{TRASH}/legacy-tmp-record",
         ]
     )
-    assert sorted(os.listdir(root)) == [".ocrd-tmpfile", snapshot.TRASH, "dir-model", "model.bin"]
+    assert sorted(os.listdir(root)) == [".ocrd-tmpfile", TRASH, "dir-model", "model.bin"]
     assert (root / "dir-model" / ".ocrd-tmp-nested").read_bytes() == b"not top level"
     assert sorted(os.listdir(trash)) == [
         "complete",
@@ -1348,19 +1359,19 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     assert (legacy_wrong / "other.bin").read_bytes() == b"w"
     kept = events(logs, "recovery.kept")
     assert sorted((e["path"], e["unlisted"]) for e in kept) == [
-        (f"{snapshot.TRASH}/garbled-record", ["g.bin"]),
-        (f"{snapshot.TRASH}/legacy-wrong-payload", ["other.bin"]),
-        (f"{snapshot.TRASH}/payload-only", ["p.bin"]),
-        (f"{snapshot.TRASH}/unlisted", ["stray.bin"]),
+        (f"{TRASH}/garbled-record", ["g.bin"]),
+        (f"{TRASH}/legacy-wrong-payload", ["other.bin"]),
+        (f"{TRASH}/payload-only", ["p.bin"]),
+        (f"{TRASH}/unlisted", ["stray.bin"]),
     ]
     assert all(e["log_level"] == "warning" for e in kept)
     assert sorted(e["path"] for e in events(logs, "recovery.removed")) == sorted(cleaned)
-    assert sorted(i.id for i in snapshot.read_trash(str(root))) == [
+    assert sorted(i.id for i in read_trash(str(root))) == [
         "complete/c.bin",
         "legacy/l.bin",
         "unlisted/u.bin",
     ]
-    assert executor.recover(str(root), structlog.get_logger()) == []  # idempotent
+    assert recover(str(root), structlog.get_logger()) == []  # idempotent
 
 
 # --------------------------------------------------------------------------- (l) dry run
@@ -1433,8 +1444,8 @@ ONE_CYCLE = """
 import json, sys
 import structlog
 from ocrd import cycle
-from ocrd.engine import NoEngine
-from ocrd.policy import Policy
+from ocrd.engine.none import NoEngine
+from ocrd.core.policy import Policy
 
 structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
 with open(sys.argv[1], encoding="utf-8") as fh:
@@ -1497,7 +1508,7 @@ def _dir_contents(path: Path) -> dict[str, bytes]:
 
 
 def _trash_payloads(root: Path, name: str) -> list[bytes | None]:
-    trash = root / snapshot.TRASH
+    trash = root / TRASH
     if not trash.is_dir():
         return []
     return [_read(item / name) for item in trash.iterdir() if (item / name).exists()]
@@ -1505,12 +1516,12 @@ def _trash_payloads(root: Path, name: str) -> list[bytes | None]:
 
 def _listed(batch: Path) -> tuple[str, set[str]]:
     """A quarantine dir's record file and the model names it lists (v2 batch or v1 item)."""
-    if (batch / snapshot.RECORD).exists():
-        record = json.loads((batch / snapshot.RECORD).read_text(encoding="utf-8"))
+    if (batch / RECORD).exists():
+        record = json.loads((batch / RECORD).read_text(encoding="utf-8"))
         assert record["version"] == 2, record
-        return snapshot.RECORD, {item["name"] for item in record["items"]}
-    record = json.loads((batch / snapshot.LEGACY_RECORD).read_text(encoding="utf-8"))
-    return snapshot.LEGACY_RECORD, {record["name"]}
+        return RECORD, {item["name"] for item in record["items"]}
+    record = json.loads((batch / LEGACY_RECORD).read_text(encoding="utf-8"))
+    return LEGACY_RECORD, {record["name"]}
 
 
 def _audit_after_crash(root: Path, point: str) -> None:
@@ -1531,9 +1542,9 @@ def _audit_after_crash(root: Path, point: str) -> None:
     allowed = {"keep.gguf", "notes.txt", "old_file.bin", "old_dir", "req.bin", "new.bin"}
     for name in os.listdir(root):
         if name.startswith("."):
-            assert name == snapshot.TRASH or name.startswith(
-                (executor.TMP_PREFIX, executor.DELETING_PREFIX)
-            ), f"{where}: unexpected {name}"
+            assert name == TRASH or name.startswith((TMP_PREFIX, DELETING_PREFIX)), (
+                f"{where}: unexpected {name}"
+            )
         else:
             assert name in allowed, f"{where}: unexpected {name}"
 
@@ -1542,19 +1553,19 @@ def _audit_converged(root: Path, point: str) -> None:
     """After a normal cycle: converged, nothing lost, no leftovers, only complete trash items."""
     where = f"after the kill at {point} and a normal cycle"
     assert sorted(os.listdir(root)) == sorted(
-        [snapshot.TRASH, "keep.gguf", "new.bin", "notes.txt", "req.bin"]
+        [TRASH, "keep.gguf", "new.bin", "notes.txt", "req.bin"]
     ), where
     assert _read(root / "keep.gguf") == KEEP, where
     assert _read(root / "notes.txt") == NOTES, where
     assert _read(root / "req.bin") == GOOD_REQ, where
     assert _read(root / "new.bin") == GOOD_NEW, where
-    for batch in (root / snapshot.TRASH).iterdir():
+    for batch in (root / TRASH).iterdir():
         # each batch: its record and at least one model it lists, nothing else
         record_file, listed = _listed(batch)
         payloads = set(os.listdir(batch)) - {record_file}
         assert payloads, f"{where}: {batch.name} holds no model"
         assert payloads <= listed, f"{where}: {batch.name} holds {payloads}, lists {listed}"
-    assert [i.name for i in snapshot.read_trash(str(root))] == ["req.bin"], where
+    assert [i.name for i in read_trash(str(root))] == ["req.bin"], where
     assert _trash_payloads(root, "req.bin") == [CORRUPT], where
 
 
@@ -1635,4 +1646,4 @@ def test_engine_cycled_lists_the_models_left_after_the_actions(
     assert "a.bin" in left and "req.bin" in left and "old_a.bin" not in left
     (cycled,) = events(logs, "engine.cycled")
     assert cycled["ocrd_count"] == len(left) == 58
-    assert cycled["ocrd_models"] == left[: executor.LISTED]
+    assert cycled["ocrd_models"] == left[:LISTED]

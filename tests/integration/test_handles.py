@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import make_model
 
-from ocrd.handles import HandleIndex, Holder, build_index
+from ocrd.observe.handles import HandleIndex, Holder, build_index
 
 HOLD_FD = """
 import sys

@@ -1,4 +1,4 @@
-"""snapshot.scan, the hash cache and read_trash against real directories."""
+"""scan, the hash cache and read_trash against real directories."""
 
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ from typing import Any
 import pytest
 from conftest import make_model
 
-from ocrd import snapshot
-from ocrd.errors import ModelDirError
-from ocrd.model import Kind
-from ocrd.snapshot import HashCache
+import ocrd.observe.scan as scanning
+import ocrd.observe.trash as trash_reading
+from ocrd.core.errors import ModelDirError
+from ocrd.core.model import Kind
+from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
+from ocrd.observe.hashing import CACHE_FILE, HashCache
+from ocrd.observe.scan import no_gc_pauses, observe, scan
+from ocrd.observe.trash import Batch, read_batch, read_trash
 
 
 def sha(data: bytes) -> str:
@@ -34,15 +38,15 @@ def root(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def hash_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every path snapshot.scan hashes, in order (the real hash still runs)."""
+    """Every path scan hashes, in order (the real hash still runs)."""
     calls: list[str] = []
-    real: Callable[..., str] = snapshot.sha256_file
+    real: Callable[..., str] = scanning.sha256_file
 
     def counting(path: str, **kwargs: Any) -> str:
         calls.append(os.path.basename(path))
         return real(path, **kwargs)
 
-    monkeypatch.setattr(snapshot, "sha256_file", counting)
+    monkeypatch.setattr(scanning, "sha256_file", counting)
     return calls
 
 
@@ -60,7 +64,7 @@ def test_kinds_of_entries(root: Path, tmp_path: Path) -> None:
     (root / "link_dir").symlink_to(outside / "tree")
     os.mkfifo(root / "pipe")
 
-    entries = snapshot.scan(root).by_name()
+    entries = scan(root).by_name()
 
     assert {name: e.kind for name, e in entries.items()} == {
         "file.bin": Kind.FILE,
@@ -81,7 +85,7 @@ def test_scan_is_sorted_and_identifies_entries(root: Path) -> None:
     """Entries come sorted by name with the inode, device and mtime_ns lstat gives."""
     for name in ("b.bin", "a.bin", "c.bin"):
         make_model(root, name)
-    snap = snapshot.scan(root)
+    snap = scan(root)
     assert [e.name for e in snap.entries] == ["a.bin", "b.bin", "c.bin"]
     st = os.lstat(root / "b.bin")
     entry = snap.by_name()["b.bin"]
@@ -109,7 +113,7 @@ def test_directory_size_and_newest_mtime(root: Path) -> None:
         os.utime(path, (base, base))
     os.utime(model / "sub" / "deeper" / "c.bin", (newest, newest))
 
-    entry = snapshot.scan(root).by_name()["Qwen-GGUF"]
+    entry = scan(root).by_name()["Qwen-GGUF"]
 
     assert entry.kind is Kind.DIR
     assert entry.size == 1000 + 300 + 7
@@ -124,7 +128,7 @@ def test_directory_with_symlink_inside_is_not_followed(root: Path, tmp_path: Pat
     (root / "model").mkdir()
     (root / "model" / "w.bin").write_bytes(b"w" * 10)
     (root / "model" / "link").symlink_to(target)
-    entry = snapshot.scan(root).by_name()["model"]
+    entry = scan(root).by_name()["model"]
     assert entry.size == 10 + len(str(target))
 
 
@@ -137,7 +141,7 @@ def test_entries_not_examined_keep_kind_and_inode_only(root: Path, tmp_path: Pat
     (root / "keep_link").symlink_to(tmp_path)
     os.mkfifo(root / "keep_pipe")
 
-    entries = snapshot.scan(root, examine=lambda name: name.startswith("old_")).by_name()
+    entries = scan(root, examine=lambda name: name.startswith("old_")).by_name()
 
     old = entries["old_a.bin"]
     st = os.lstat(root / "old_a.bin")
@@ -160,7 +164,7 @@ def test_observe_examines_what_the_policy_may_act_on(
     from conftest import write_policy
 
     from ocrd.config import load_policy
-    from ocrd.plan import reconcile
+    from ocrd.core.plan import reconcile
 
     make_model(root, "old_a.bin", b"1234", age=7200)
     make_model(root, "old_b.bin", b"1", age=10)
@@ -180,7 +184,7 @@ def test_observe_examines_what_the_policy_may_act_on(
     }
     policy = load_policy(write_policy(tmp_path / "policy.yaml", data)).policy
 
-    seen = snapshot.observe(policy, log=None)
+    seen = observe(policy, log=None)
     looked_at = {e.name for e in seen.entries if e.size is not None}
 
     everything = {"old_a.bin", "old_b.bin", "req.bin", "keep.gguf", "stray.bin", "stray_dir"}
@@ -188,7 +192,7 @@ def test_observe_examines_what_the_policy_may_act_on(
         assert looked_at == everything
     else:
         assert looked_at == {"old_a.bin", "old_b.bin", "req.bin"}
-    full = snapshot.observe(policy, log=None, full=True)
+    full = observe(policy, log=None, full=True)
     assert {e.name for e in full.entries if e.size is not None} == everything
     now = time.time()
     lazy_plan, full_plan = reconcile(policy, seen, now=now), reconcile(policy, full, now=now)
@@ -206,7 +210,7 @@ def test_dot_entries_are_in_the_snapshot(root: Path) -> None:
     (root / ".ocrd-trash").mkdir()
     make_model(root, ".ocrd-tmp-0123")
     make_model(root, "model.bin")
-    names = [e.name for e in snapshot.scan(root).entries]
+    names = [e.name for e in scan(root).entries]
     assert names == [".hidden.bin", ".ocrd-tmp-0123", ".ocrd-trash", "model.bin"]
 
 
@@ -221,7 +225,7 @@ def test_only_pinned_files_are_hashed(root: Path, hash_calls: list[str]) -> None
         "wrong_pin.bin": "0" * 64,
         "pinned_dir": "1" * 64,
     }
-    entries = snapshot.scan(root, pins=pins).by_name()
+    entries = scan(root, pins=pins).by_name()
     assert entries["pinned.bin"].sha256 == sha(b"pinned bytes")
     assert entries["wrong_pin.bin"].sha256 == sha(b"other bytes")  # the real one, not the pin
     assert entries["free.bin"].sha256 is None
@@ -234,7 +238,7 @@ def test_pinned_symlink_is_not_hashed_through(root: Path, tmp_path: Path) -> Non
     target = tmp_path / "target.bin"
     target.write_bytes(b"data")
     (root / "m.bin").symlink_to(target)
-    entry = snapshot.scan(root, pins={"m.bin": sha(b"data")}).by_name()["m.bin"]
+    entry = scan(root, pins={"m.bin": sha(b"data")}).by_name()["m.bin"]
     assert entry.kind is Kind.SYMLINK
     assert entry.sha256 is None
 
@@ -248,12 +252,12 @@ def test_hash_cache_avoids_rereading_unchanged_file(
     pins = {"big.bin": sha(b"B" * 10_000)}
 
     first = HashCache(state)
-    snap1 = snapshot.scan(root, pins=pins, cache=first)
+    snap1 = scan(root, pins=pins, cache=first)
     assert first.save() is None
     assert hash_calls == ["big.bin"]
 
     second = HashCache(state)  # a fresh process would load it like this
-    snap2 = snapshot.scan(root, pins=pins, cache=second)
+    snap2 = scan(root, pins=pins, cache=second)
     assert hash_calls == ["big.bin"]
     assert snap2.by_name()["big.bin"].sha256 == snap1.by_name()["big.bin"].sha256 == pins["big.bin"]
     assert second.save() is None
@@ -265,18 +269,18 @@ def test_touched_file_is_rehashed(root: Path, tmp_path: Path, hash_calls: list[s
     path = make_model(root, "m.bin", b"version 1")
     pins = {"m.bin": sha(b"version 1")}
     cache = HashCache(state)
-    snapshot.scan(root, pins=pins, cache=cache)
+    scan(root, pins=pins, cache=cache)
     assert cache.save() is None
 
     later = time.time() + 100
     os.utime(path, (later, later))
-    entry = snapshot.scan(root, pins=pins, cache=HashCache(state)).by_name()["m.bin"]
+    entry = scan(root, pins=pins, cache=HashCache(state)).by_name()["m.bin"]
     assert hash_calls == ["m.bin", "m.bin"]
     assert entry.sha256 == sha(b"version 1")
 
     path.write_bytes(b"version 2")
     cache = HashCache(state)
-    entry = snapshot.scan(root, pins=pins, cache=cache).by_name()["m.bin"]
+    entry = scan(root, pins=pins, cache=cache).by_name()["m.bin"]
     assert hash_calls == ["m.bin", "m.bin", "m.bin"]
     assert entry.sha256 == sha(b"version 2")
 
@@ -287,13 +291,13 @@ def test_cache_file_lives_in_state_dir(root: Path, tmp_path: Path) -> None:
     make_model(root, "m.bin", b"abc")
     before = sorted(os.listdir(root))
     cache = HashCache(state)
-    snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache)
+    scan(root, pins={"m.bin": sha(b"abc")}, cache=cache)
     assert cache.save() is None
     assert sorted(os.listdir(root)) == before
-    saved = json.loads((state / snapshot.CACHE_FILE).read_text(encoding="utf-8"))
+    saved = json.loads((state / CACHE_FILE).read_text(encoding="utf-8"))
     assert saved["version"] == 1
     assert list(saved["hashes"].values()) == [sha(b"abc")]
-    assert [p.name for p in state.iterdir()] == [snapshot.CACHE_FILE]  # no temp file left
+    assert [p.name for p in state.iterdir()] == [CACHE_FILE]  # no temp file left
 
 
 def test_cache_drops_entries_no_longer_seen(root: Path, tmp_path: Path) -> None:
@@ -303,13 +307,13 @@ def test_cache_drops_entries_no_longer_seen(root: Path, tmp_path: Path) -> None:
     b = make_model(root, "b.bin", b"b")
     pins = {"a.bin": sha(b"a"), "b.bin": sha(b"b")}
     cache = HashCache(state)
-    snapshot.scan(root, pins=pins, cache=cache)
+    scan(root, pins=pins, cache=cache)
     assert cache.save() is None
     b.rename(root.parent / "b.bin")
     cache = HashCache(state)
-    snapshot.scan(root, pins=pins, cache=cache)
+    scan(root, pins=pins, cache=cache)
     assert cache.save() is None
-    saved = json.loads((state / snapshot.CACHE_FILE).read_text(encoding="utf-8"))
+    saved = json.loads((state / CACHE_FILE).read_text(encoding="utf-8"))
     assert list(saved["hashes"].values()) == [sha(b"a")]
 
 
@@ -317,14 +321,14 @@ def test_corrupt_cache_file_is_ignored(root: Path, tmp_path: Path, hash_calls: l
     """A cache file that is not valid JSON is treated as empty, and the file is re-hashed."""
     state = tmp_path / "state"
     state.mkdir()
-    (state / snapshot.CACHE_FILE).write_text("{not json", encoding="utf-8")
+    (state / CACHE_FILE).write_text("{not json", encoding="utf-8")
     make_model(root, "m.bin", b"abc")
     cache = HashCache(state)
-    entry = snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache).by_name()["m.bin"]
+    entry = scan(root, pins={"m.bin": sha(b"abc")}, cache=cache).by_name()["m.bin"]
     assert entry.sha256 == sha(b"abc")
     assert hash_calls == ["m.bin"]
     assert cache.save() is None
-    assert json.loads((state / snapshot.CACHE_FILE).read_text(encoding="utf-8"))["version"] == 1
+    assert json.loads((state / CACHE_FILE).read_text(encoding="utf-8"))["version"] == 1
 
 
 @pytest.mark.parametrize("how", ["state dir is a file", "state dir under a file"])
@@ -335,11 +339,11 @@ def test_unusable_state_dir_save_returns_error(root: Path, tmp_path: Path, how: 
     state = blocker if how == "state dir is a file" else blocker / "state"
     make_model(root, "m.bin", b"abc")
     cache = HashCache(state)
-    entry = snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache).by_name()["m.bin"]
+    entry = scan(root, pins={"m.bin": sha(b"abc")}, cache=cache).by_name()["m.bin"]
     assert entry.sha256 == sha(b"abc")
     error = cache.save()
     assert isinstance(error, str)
-    assert str(state / snapshot.CACHE_FILE) in error
+    assert str(state / CACHE_FILE) in error
     assert blocker.read_text(encoding="utf-8") == "a regular file"
 
 
@@ -347,7 +351,7 @@ def test_no_state_dir_means_no_cache_file(root: Path) -> None:
     """A cache without a state dir saves nothing and reports no error."""
     make_model(root, "m.bin", b"abc")
     cache = HashCache(None)
-    snapshot.scan(root, pins={"m.bin": sha(b"abc")}, cache=cache)
+    scan(root, pins={"m.bin": sha(b"abc")}, cache=cache)
     assert cache.save() is None
     assert sorted(os.listdir(root)) == ["m.bin"]
 
@@ -357,7 +361,7 @@ def _item(
 ) -> Path:
     """A legacy (v1) quarantine dir: an optional record.json and an optional payload."""
     return _quarantine_dir(
-        trash, item_id, snapshot.LEGACY_RECORD, record, [] if payload is None else [payload]
+        trash, item_id, LEGACY_RECORD, record, [] if payload is None else [payload]
     )
 
 
@@ -387,7 +391,7 @@ def _batch(
     trash: Path, batch_id: str, record: dict[str, Any] | str | None, payloads: list[str]
 ) -> Path:
     """A v2 quarantine batch: an optional .ocrd-record.json and the payloads present."""
-    return _quarantine_dir(trash, batch_id, snapshot.RECORD, record, payloads)
+    return _quarantine_dir(trash, batch_id, RECORD, record, payloads)
 
 
 def _batch_record(names: list[str], at: float) -> dict[str, Any]:
@@ -397,7 +401,7 @@ def _batch_record(names: list[str], at: float) -> dict[str, Any]:
 
 def test_read_trash_lists_only_complete_items(root: Path) -> None:
     """Only legacy trash items with both a readable record and their payload are listed."""
-    trash = root / snapshot.TRASH
+    trash = root / TRASH
     now = time.time()
     _item(trash, "20240101T000000Z-aaaa", _record("a.bin", now - 20), "a.bin")
     _item(trash, "20240101T000000Z-bbbb", _record("b.bin", now - 10), "b.bin")
@@ -410,7 +414,7 @@ def test_read_trash_lists_only_complete_items(root: Path) -> None:
     _item(trash, "empty", None, None)
     (trash / "stray-file").write_text("x", encoding="utf-8")
 
-    items = snapshot.read_trash(str(root))
+    items = read_trash(str(root))
 
     assert [(i.id, i.name) for i in items] == [
         ("20240101T000000Z-aaaa/a.bin", "a.bin"),
@@ -419,12 +423,12 @@ def test_read_trash_lists_only_complete_items(root: Path) -> None:
     assert items[0].size == 7
     assert items[0].trashed_at == pytest.approx(now - 20)
     assert items[0].reason == "test"
-    assert snapshot.scan(root).trash == items
+    assert scan(root).trash == items
 
 
 def test_read_trash_lists_the_models_present_in_each_batch(root: Path) -> None:
     """A v2 batch gives one item per listed model whose payload is there, ids `<batch>/<name>`."""
-    trash = root / snapshot.TRASH
+    trash = root / TRASH
     now = time.time()
     # c.bin never moved in (or was restored); z.bin is not in the record
     listed = _batch_record(["a.bin", "b", "c.bin"], now - 5)
@@ -433,7 +437,7 @@ def test_read_trash_lists_the_models_present_in_each_batch(root: Path) -> None:
     _batch(trash, "nothing-moved", _batch_record(["e.bin"], now), [])
     _batch(trash, "no-record", None, ["f.bin"])
     _batch(trash, "tmp-record-only", None, [])
-    (trash / "tmp-record-only" / (snapshot.RECORD + ".tmp")).write_text("{", encoding="utf-8")
+    (trash / "tmp-record-only" / (RECORD + ".tmp")).write_text("{", encoding="utf-8")
     _batch(trash, "bad-json", "{oops", ["g.bin"])
     no_keys = {"version": 2, "trashed_at": now, "items": [{"name": "h.bin"}]}
     _batch(trash, "missing-keys", no_keys, ["h.bin"])
@@ -442,7 +446,7 @@ def test_read_trash_lists_the_models_present_in_each_batch(root: Path) -> None:
     named_like_v1 = _batch_record(["record.json"], now - 1)
     _batch(trash, "20240103T000000Z-eeee", named_like_v1, ["record.json"])
 
-    items = snapshot.read_trash(str(root))
+    items = read_trash(str(root))
 
     assert [(i.id, i.name) for i in items] == [
         ("20240101T000000Z-dddd/d.bin", "d.bin"),
@@ -459,51 +463,51 @@ def test_read_trash_lists_the_models_present_in_each_batch(root: Path) -> None:
         None,
     )
     assert by_id["20240102T000000Z-cccc/b"].reason == "why b"
-    assert snapshot.scan(root).trash == items
+    assert scan(root).trash == items
 
 
 def test_read_batch_tells_the_record_from_the_payloads(root: Path) -> None:
     """read_batch gives the record's items by name (None if unreadable) and every other entry."""
-    trash = root / snapshot.TRASH
+    trash = root / TRASH
     now = time.time()
     v2 = _batch(trash, "v2", _batch_record(["a.bin", "gone.bin"], now), ["a.bin", "x.bin"])
-    (v2 / (snapshot.RECORD + ".tmp")).write_text("{", encoding="utf-8")
-    batch = snapshot.read_batch(str(v2))
+    (v2 / (RECORD + ".tmp")).write_text("{", encoding="utf-8")
+    batch = read_batch(str(v2))
     assert batch.items is not None
     assert sorted(batch.items) == ["a.bin", "gone.bin"]
     assert batch.items["a.bin"].id == "v2/a.bin"
     assert batch.payloads == {"a.bin", "x.bin"}
 
     v1 = _item(trash, "v1", _record("l.bin", now), "l.bin")
-    legacy = snapshot.read_batch(str(v1))
+    legacy = read_batch(str(v1))
     assert legacy.items is not None and list(legacy.items) == ["l.bin"]
     assert legacy.items["l.bin"].id == "v1/l.bin"
     assert legacy.payloads == {"l.bin"}
 
     garbled = _batch(trash, "garbled", "{oops", ["g.bin"])
-    assert snapshot.read_batch(str(garbled)) == snapshot.Batch(None, frozenset({"g.bin"}))
+    assert read_batch(str(garbled)) == Batch(None, frozenset({"g.bin"}))
     empty = _batch(trash, "empty", None, [])
-    assert snapshot.read_batch(str(empty)) == snapshot.Batch(None, frozenset())
+    assert read_batch(str(empty)) == Batch(None, frozenset())
 
 
 def test_read_trash_without_trash_dir(root: Path) -> None:
     """A model dir without a trash dir, or with a file in its place, has no trash items."""
-    assert snapshot.read_trash(str(root)) == ()
-    (root / snapshot.TRASH).write_text("not a dir", encoding="utf-8")
-    assert snapshot.read_trash(str(root)) == ()
+    assert read_trash(str(root)) == ()
+    (root / TRASH).write_text("not a dir", encoding="utf-8")
+    assert read_trash(str(root)) == ()
 
 
 def test_scan_missing_dir_raises(tmp_path: Path) -> None:
     """Scanning a model dir that does not exist raises ModelDirError."""
     with pytest.raises(ModelDirError, match=r"does not exist"):
-        snapshot.scan(tmp_path / "nope")
+        scan(tmp_path / "nope")
 
 
 def test_scan_file_raises(tmp_path: Path) -> None:
     """Scanning a path that is a regular file raises ModelDirError."""
     path = make_model(tmp_path, "afile")
     with pytest.raises(ModelDirError, match=r"not a directory"):
-        snapshot.scan(path)
+        scan(path)
 
 
 def test_a_dead_writers_temp_file_is_swept_by_the_next_save(tmp_path: Path) -> None:
@@ -536,7 +540,7 @@ def test_no_gc_pauses_holds_the_collector_and_leaves_no_young_backlog() -> None:
     import gc
 
     assert gc.isenabled()
-    with snapshot.no_gc_pauses():
+    with no_gc_pauses():
         assert not gc.isenabled()
         held = [(i, str(i)) for i in range(50_000)]
     assert gc.isenabled()
@@ -552,7 +556,7 @@ def test_names_starting_finds_ocrds_own_entries(root: Path) -> None:
     names += ["z.bin", "ocrd-tmp-2"]
     for name in names:
         make_model(root, name)
-    snap = snapshot.scan(root)
+    snap = scan(root)
     assert snap.names_starting(".ocrd-") == [".ocrd-deleting-x", ".ocrd-tmp-1", ".ocrd-trash"]
     assert snap.names_starting("zz") == []
     assert snap.names_starting("") == sorted(names)
@@ -564,29 +568,29 @@ def test_a_record_is_parsed_once_while_it_is_the_same_file(
     """read_batch reuses its parse of an unchanged record; a rewritten record is read again,
     and the payload listing is always fresh."""
     parses: list[str] = []
-    real = snapshot._record_items
+    real = trash_reading._record_items
 
     def counting(batch_id: str, rec: Any) -> dict[str, Any]:
         parses.append(batch_id)
         return real(batch_id, rec)
 
-    monkeypatch.setattr(snapshot, "_record_items", counting)
-    trash = root / snapshot.TRASH
+    monkeypatch.setattr(trash_reading, "_record_items", counting)
+    trash = root / TRASH
     path = _batch(trash, "b1", _batch_record(["a.bin", "b.bin"], time.time()), ["a.bin", "b.bin"])
 
-    first = snapshot.read_batch(str(path))
+    first = read_batch(str(path))
     (path / "b.bin").unlink()  # restored or purged meanwhile
-    second = snapshot.read_batch(str(path))
+    second = read_batch(str(path))
     assert parses == ["b1"]
     assert second.items == first.items and set(first.items or ()) == {"a.bin", "b.bin"}
     assert second.payloads == {"a.bin"}
     with pytest.raises(TypeError):
         second.items["c.bin"] = second.items["a.bin"]  # type: ignore[index]  # read-only
 
-    record = path / snapshot.RECORD
+    record = path / RECORD
     tmp = path / "new-record"
     tmp.write_text(json.dumps(_batch_record(["a.bin"], time.time())), encoding="utf-8")
     os.replace(tmp, record)  # as ocrd writes files: a new inode under the name
-    third = snapshot.read_batch(str(path))
+    third = read_batch(str(path))
     assert parses == ["b1", "b1"]
     assert set(third.items or ()) == {"a.bin"}

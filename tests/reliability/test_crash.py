@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 from conftest import OCRD
 
-from ocrd.snapshot import BLOCK  # the copy chunk: a bigger source takes several writes
+from ocrd.observe.hashing import BLOCK  # the copy chunk: a bigger source takes several writes
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed")

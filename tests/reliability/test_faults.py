@@ -30,7 +30,8 @@ from structlog.testing import capture_logs
 
 from ocrd.config import load_policy
 from ocrd.cycle import run_cycle
-from ocrd.engine import EngineError, NoEngine
+from ocrd.engine.base import EngineError
+from ocrd.engine.none import NoEngine
 
 CAP = 5 * DEBOUNCE  # the daemon's cap on settling while events keep coming
 QUIET = CAP + 0.4  # no cycle for this long: the daemon has come to rest

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ocrd.model import (
+from ocrd.core.model import (
     Action,
     ActionKind,
     Class,
@@ -20,8 +20,8 @@ from ocrd.model import (
     Snapshot,
     TrashItem,
 )
-from ocrd.plan import classify, reconcile
-from ocrd.policy import Policy
+from ocrd.core.plan import classify, reconcile
+from ocrd.core.policy import Policy
 
 ROOT = "/srv/models"
 NOW = 1_700_000_000.0
@@ -660,7 +660,7 @@ def test_held_names_become_reports_not_actions() -> None:
 
 def test_next_due_is_the_earliest_time_the_plan_changes_by_itself() -> None:
     """next_due() names when a waiting model reaches min_age or a quarantine item expires."""
-    from ocrd.plan import next_due
+    from ocrd.core.plan import next_due
 
     policy = make_policy(
         prune={"prefixes": ["old_"], "min_age": "1h"}, quarantine={"retention": "1d"}

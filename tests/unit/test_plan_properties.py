@@ -11,7 +11,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ocrd.model import (
+from ocrd.core.model import (
     Action,
     ActionKind,
     Class,
@@ -23,8 +23,8 @@ from ocrd.model import (
     Snapshot,
     TrashItem,
 )
-from ocrd.plan import reconcile
-from ocrd.policy import Policy
+from ocrd.core.plan import reconcile
+from ocrd.core.policy import Policy
 
 ROOT = "/srv/models"
 NOW = 1_700_000_000.0

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from ocrd.policy import (
+from ocrd.core.policy import (
     DEFAULT_IGNORE,
     MAX_DURATION,
     Policy,

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from ocrd import yamlsafe
-from ocrd.yamlsafe import MAX_BYTES, YamlError
+from ocrd.config import yamlsafe
+from ocrd.config.yamlsafe import MAX_BYTES, YamlError
 
 POLICY = b"""\
 model_dir: /srv/models

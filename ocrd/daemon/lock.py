@@ -7,16 +7,15 @@ import fcntl
 import os
 from pathlib import Path
 
-from ocrd.errors import LockedError
-
-LOCK_NAME = ".ocrd-lock"
+from ocrd.core.errors import LockedError
+from ocrd.core.names import LOCK
 
 
 class DirLock:
     """Exclusive, non-blocking; released when the process ends, even by SIGKILL."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.path = model_dir / LOCK_NAME
+        self.path = model_dir / LOCK
         self._fd: int | None = None
 
     def acquire(self) -> None:

@@ -12,7 +12,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 
-from ocrd.model import (
+from ocrd.core.model import (
     Action,
     ActionKind,
     Class,
@@ -25,7 +25,7 @@ from ocrd.model import (
     ReportKind,
     Snapshot,
 )
-from ocrd.policy import Policy, Required, format_duration, human_age
+from ocrd.core.policy import Policy, Required, format_duration, human_age
 
 
 def _glob_regex(globs: Sequence[str]) -> Callable[[str], re.Match[str] | None] | None:

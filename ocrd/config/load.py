@@ -14,9 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from ocrd import yamlsafe
-from ocrd.errors import PolicyError, Problem
-from ocrd.policy import Loc, Policy, cross_check
+from ocrd.config import yamlsafe
+from ocrd.core.errors import PolicyError, Problem
+from ocrd.core.policy import Loc, Policy, cross_check
 
 DEFAULT_PATH = Path("/etc/ocrd/policy.yaml")
 ENV_PREFIX = "OCRD_"

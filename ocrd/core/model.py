@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import operator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -145,6 +146,11 @@ class Report(NamedTuple):
     reason: str
 
 
+def freed(actions: Iterable[Action]) -> int:
+    """Bytes that *actions* free: prunes and purges; a restore frees nothing."""
+    return sum(a.bytes for a in actions if a.kind is not ActionKind.RESTORE)
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """What apply would do, and what it only reports."""
@@ -158,7 +164,8 @@ class Plan:
 
     @property
     def bytes_freed(self) -> int:
-        return sum(a.bytes for a in self.actions if a.kind is not ActionKind.RESTORE)
+        """What the planned actions would free (a restore frees nothing)."""
+        return freed(self.actions)
 
     @property
     def changes_disk(self) -> bool:
@@ -175,6 +182,11 @@ class Outcome:
     busy: tuple[Report, ...] = ()
     engine_error: str | None = None
     extra: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def bytes_freed(self) -> int:
+        """What the actions done freed (a restore frees nothing)."""
+        return freed(self.done)
 
     @property
     def ok(self) -> bool:

@@ -10,35 +10,21 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
-import json
 import operator
 import os
 import stat
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any
 
-from ocrd import statefile
-from ocrd.errors import ModelDirError
-from ocrd.model import Entry, Kind, Snapshot, TrashItem
-from ocrd.plan import may_act_on
-from ocrd.policy import Policy
-
-TRASH = ".ocrd-trash"
-# One quarantine directory per cycle, `.ocrd-trash/<batch id>/`, holds the models
-# moved there and this record of them (a dot-name: a model never has one).
-RECORD = ".ocrd-record.json"
-LEGACY_RECORD = "record.json"  # v1: one model per directory; still read
-BLOCK = 4 * 1024 * 1024
-CACHE_FILE = "hashes.json"
+from ocrd.core.errors import ModelDirError
+from ocrd.core.model import Entry, Kind, Snapshot
+from ocrd.core.plan import may_act_on
+from ocrd.core.policy import Policy
+from ocrd.observe.hashing import HashCache, Progress, sha256_file
+from ocrd.observe.trash import read_trash
 
 _by_name = operator.attrgetter("name")
-_by_time_id = operator.attrgetter("trashed_at", "id")
-
-# progress(name, bytes_done, bytes_total)
-Progress = Callable[[str, int, int], None]
 
 
 def kind_of(mode: int) -> Kind:
@@ -103,174 +89,6 @@ def tree_members(path: str) -> tuple[set[tuple[int, int]], set[str]]:
 def tree_inodes(path: str) -> set[tuple[int, int]]:
     """Every (device, inode) at or below *path*, symlinks not followed."""
     return tree_members(path)[0]
-
-
-def sha256_file(path: str, *, name: str = "", progress: Progress | None = None) -> str:
-    """Stream *path* through sha256 without following a final symlink."""
-    digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb", buffering=0) as fh:
-        total = os.fstat(fd).st_size
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        buf = bytearray(BLOCK)
-        view = memoryview(buf)
-        done = 0
-        while True:
-            n = fh.readinto(buf)
-            if not n:
-                break
-            digest.update(view[:n])
-            done += n
-            if progress is not None:
-                progress(name, done, total)
-    return digest.hexdigest()
-
-
-class HashCache:
-    """sha256 by (device, inode, size, mtime_ns), kept as JSON in the state dir."""
-
-    def __init__(self, state_dir: Path | None) -> None:
-        self.path = None if state_dir is None else state_dir / CACHE_FILE
-        self._data: dict[str, str] = {}
-        self._seen: set[str] = set()
-        self._dirty = False
-        if self.path is not None:
-            try:
-                with open(self.path, encoding="utf-8") as fh:
-                    loaded = json.load(fh)
-                if isinstance(loaded, dict) and loaded.get("version") == 1:
-                    self._data = {str(k): str(v) for k, v in loaded["hashes"].items()}
-            except (OSError, ValueError, KeyError, AttributeError):
-                self._data = {}
-
-    @staticmethod
-    def key(st: os.stat_result) -> str:
-        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-
-    def get(self, st: os.stat_result) -> str | None:
-        key = self.key(st)
-        self._seen.add(key)
-        return self._data.get(key)
-
-    def put(self, st: os.stat_result, sha: str) -> None:
-        key = self.key(st)
-        self._seen.add(key)
-        self._data[key] = sha
-        self._dirty = True
-
-    def save(self) -> str | None:
-        """Keep the entries used since loading; returns an error text instead of raising."""
-        if self.path is None:
-            return None
-        data = {k: v for k, v in self._data.items() if k in self._seen}
-        if not self._dirty and data == self._data:
-            return None
-        error = statefile.write_json(self.path, {"version": 1, "hashes": data}, mode=0o640)
-        if error:
-            return error
-        self._data, self._dirty = data, False
-        return None
-
-
-class Batch(NamedTuple):
-    """One directory of `.ocrd-trash/`: what its record lists and what is in it."""
-
-    items: Mapping[str, TrashItem] | None  # by model name; None: no readable record
-    payloads: frozenset[str]  # entries in the directory other than its record
-
-
-# Parsed records by path, with the (inode, mtime_ns, size) they were parsed at.
-# A record is written once (a new one is a new file), so a parse stays good
-# while those match: a 50,000-model batch's 5 MB record is not parsed again
-# on every cycle (and twice per cycle: by recovery and by the scan).
-_records: dict[str, tuple[tuple[int, int, int], Mapping[str, TrashItem] | None]] = {}
-RECORDS_KEPT = 256
-
-
-def _record_items(batch_id: str, rec: Any) -> dict[str, TrashItem]:
-    """The items of a parsed record: v2 (one per cycle) or v1 (one model per directory)."""
-    if isinstance(rec, dict) and rec.get("version") == 2:
-        at = float(rec["trashed_at"])
-        listed = [(str(i["name"]), i) for i in rec["items"]]
-    else:
-        at = float(rec["trashed_at"])
-        listed = [(str(rec["name"]), rec)]
-    return {
-        name: TrashItem(
-            id=f"{batch_id}/{name}",
-            name=name,
-            trashed_at=at,
-            reason=str(i["reason"]),
-            size=int(i["size"]),
-            sha256=i.get("sha256"),
-        )
-        for name, i in listed
-    }
-
-
-def read_batch(path: str) -> Batch:
-    """Look at one quarantine directory (raises OSError if it cannot be listed).
-
-    A `record.json` counts as a (v1) record only if it reads as one: in a v2
-    directory that lost its own record it may be a model of that name.
-    """
-    contents = set(os.listdir(path))
-    own = {RECORD + ".tmp", LEGACY_RECORD + ".tmp"}
-    items = None
-    for record in (RECORD, LEGACY_RECORD):
-        if record not in contents:
-            continue
-        items = _read_record(os.path.join(path, record), os.path.basename(path))
-        if items is not None or record == RECORD:
-            own.add(record)
-        break
-    return Batch(items, frozenset(contents - own))
-
-
-def _read_record(path: str, batch_id: str) -> Mapping[str, TrashItem] | None:
-    """A record's items by name (None if it cannot be read as one); see _records."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    with os.fdopen(fd, encoding="utf-8") as fh:
-        st = os.fstat(fd)
-        key = (st.st_ino, st.st_mtime_ns, st.st_size)
-        known = _records.get(path)
-        if known is not None and known[0] == key:
-            return known[1]
-        try:
-            items: Mapping[str, TrashItem] | None = MappingProxyType(
-                _record_items(batch_id, json.load(fh))
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            items = None
-    if len(_records) >= RECORDS_KEPT:
-        del _records[next(iter(_records))]  # the oldest parse
-    _records[path] = (key, items)
-    return items
-
-
-def read_trash(root: str) -> tuple[TrashItem, ...]:
-    """Quarantined models in `root/.ocrd-trash/`: record entries whose payload is there."""
-    trash = os.path.join(root, TRASH)
-    items: list[TrashItem] = []
-    try:
-        it = os.scandir(trash)
-    except (FileNotFoundError, NotADirectoryError):
-        return ()
-    with it:
-        for child in it:
-            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-                continue
-            try:
-                batch = read_batch(child.path)
-            except OSError:
-                continue
-            if batch.items is not None:
-                items.extend(t for name, t in batch.items.items() if name in batch.payloads)
-    return tuple(sorted(items, key=_by_time_id))
 
 
 def _entry(

@@ -9,8 +9,8 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from ocrd.model import Class, Classified, Plan, ReportKind, TrashItem
-from ocrd.policy import human_age
+from ocrd.core.model import Class, Classified, Plan, ReportKind, TrashItem
+from ocrd.core.policy import human_age
 
 SCHEMA = 1
 

@@ -1,6 +1,6 @@
 """The engine host: a child process that holds one Aspose `AsposeAI`.
 
-Run as `python -I -m ocrd.enginehost` by ocrd (engine.py), never by hand.
+Run as `python -I -m ocrd.engine.child` by ocrd (ocrd.engine.host), never by hand.
 `free_resources()` does not unmap a loaded model (ASPOSE.md), so ocrd ends
 this whole process to release the engine, and starts a fresh one after.
 

@@ -1,0 +1,134 @@
+"""Filesystem primitives for the act room: flushes, hidden names, removal, the re-check.
+
+A rename or unlink is atomic; what a crash may leave is only ever under one
+of ocrd's own names (ocrd.core.names), which recovery finishes or rolls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import stat
+from typing import Any
+
+from ocrd.core.model import Entry, Kind
+from ocrd.core.names import DELETING_PREFIX
+from ocrd.observe.scan import kind_of, tree_stats
+
+Log = Any  # a structlog bound logger
+
+
+class ActionError(Exception):
+    """An action that could not be carried out, with a reason for the log."""
+
+
+class Changed(Exception):
+    """The target is not what the plan saw: skip it this cycle."""
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Sync:
+    """Directory fsyncs, now or batched to the end of a cycle.
+
+    A rename or unlink is atomic whether or not it is flushed: after a power
+    loss each model is under one name or the other, never lost. So a cycle
+    flushes each touched directory once at its end instead of once per model
+    (50,000 fsyncs would dominate a big prune). File data that is about to
+    appear under a model's name (restore) is always flushed first.
+    """
+
+    def __init__(self, *, batch: bool = False) -> None:
+        self.batch = batch
+        self.pending: set[str] = set()
+
+    def dir(self, path: str) -> None:
+        if self.batch:
+            self.pending.add(path)
+        else:
+            fsync_dir(path)
+
+    def flush(self) -> None:
+        for path in sorted(self.pending):
+            with contextlib.suppress(FileNotFoundError):
+                fsync_dir(path)
+        self.pending.clear()
+
+
+NOW_SYNC = Sync()
+
+
+def hidden_name(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(8)}"
+
+
+def remove_tree(path: str) -> None:
+    """Remove a file, link or directory at *path* (never following a symlink)."""
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        os.unlink(path)
+
+
+def write_durably(path: str, data: dict[str, Any]) -> None:
+    """Write *path* durably: a flushed temp file renamed over it."""
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data))  # dumps: CPython's C encoder; dump() streams in Python
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> None:
+    """Raise Changed unless the entry still looks as it did in the snapshot.
+
+    With *dir_fd* (the model dir, open) the entry is looked up relative to it.
+    """
+    try:
+        st = os.lstat(entry.name if dir_fd is not None else f"{root}/{entry.name}", dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise Changed("vanished since the scan") from None
+    if (
+        entry.kind is Kind.FILE
+        and st.st_ino == entry.inode
+        and st.st_mtime_ns == entry.mtime_ns
+        and st.st_size == entry.size
+        and stat.S_ISREG(st.st_mode)
+    ):
+        return  # the common case, a plain file as scanned: one test, no name lookups
+    path = f"{root}/{entry.name}"  # names never hold "/"
+    if kind_of(st.st_mode) is not entry.kind or st.st_ino != entry.inode:
+        raise Changed("replaced since the scan")
+    if st.st_mtime_ns != entry.mtime_ns:
+        raise Changed("modified since the scan")
+    if entry.kind is Kind.FILE and st.st_size != entry.size:
+        raise Changed("size changed since the scan")
+    if entry.kind is Kind.DIR:
+        size, newest = tree_stats(path)
+        if size != entry.size or newest != entry.mtime:
+            raise Changed("modified since the scan")
+
+
+def delete(root: str, name: str, kind: Kind, *, sync: Sync = NOW_SYNC) -> None:
+    """Remove root/name: files and links at once, directories via a hidden name."""
+    path = f"{root}/{name}"
+    if kind is Kind.DIR:
+        hidden = os.path.join(root, hidden_name(DELETING_PREFIX))
+        os.rename(path, hidden)
+        fsync_dir(root)  # out of its name for good before its contents go
+        shutil.rmtree(hidden)
+    else:
+        os.unlink(path)
+        sync.dir(root)

@@ -1,0 +1,102 @@
+"""Restore a required model from its source: copy to a hidden name, verify, then put in place.
+
+The copy is flushed and its pin checked before anything under the model's
+name changes; a corrupt model is quarantined, never overwritten, and the
+new file appears with link(2), which never replaces what appeared meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+
+from ocrd.act.fs import ActionError, Changed, check_unchanged, fsync_dir, hidden_name
+from ocrd.act.trash import quarantine
+from ocrd.core.model import Action
+from ocrd.core.names import TMP_PREFIX
+from ocrd.observe.hashing import BLOCK
+
+RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
+
+
+def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(src_fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ActionError(f"source {source} is not a regular file")
+        dst_fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            total = 0
+            while True:
+                chunk = os.read(src_fd, BLOCK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    written = os.write(dst_fd, view)
+                    view = view[written:]
+                total += len(chunk)
+            os.fchmod(dst_fd, stat.S_IMODE(st.st_mode) & 0o755 | 0o400)
+            os.fsync(dst_fd)
+        finally:
+            os.close(dst_fd)
+    finally:
+        os.close(src_fd)
+    sha = digest.hexdigest()
+    if expected is not None and sha != expected:
+        raise ActionError(
+            f"source {source} has sha256 {sha[:12]}…, not the pinned "
+            f"{expected[:12]}…; nothing replaced"
+        )
+    return total, sha
+
+
+def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | None]:
+    """Fetch, verify, then put a required model in place: (bytes, sha256, trash id of old)."""
+    assert action.source is not None
+    size = os.stat(action.source).st_size
+    vfs = os.statvfs(root)
+    free = vfs.f_bavail * vfs.f_frsize
+    if free < size + RESTORE_MARGIN:
+        raise ActionError(
+            f"not enough free space in the model dir: {free} bytes free, "
+            f"{size} + {RESTORE_MARGIN} needed"
+        )
+    tmp = os.path.join(root, hidden_name(TMP_PREFIX))
+    target = os.path.join(root, action.name)
+    old_id = None
+    try:
+        total, sha = _copy_verified(action.source, tmp, action.sha256)
+        fsync_dir(root)
+        if action.entry is not None:
+            check_unchanged(root, action.entry)
+            old_id = quarantine(
+                root,
+                action.name,
+                reason="corrupt; replaced by restore",
+                size=action.entry.size or 0,  # a required model is always looked at
+                sha256=action.entry.sha256,
+                now=now,
+            )
+        try:
+            os.link(tmp, target)  # atomic and never replaces what appeared meanwhile
+        except FileExistsError:
+            raise Changed("an entry appeared under this name meanwhile") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if os.path.lexists(target):
+                raise Changed("an entry appeared under this name meanwhile") from None
+            os.rename(tmp, target)
+        fsync_dir(root)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return total, sha, old_id

@@ -1,0 +1,178 @@
+"""Write the quarantine, `model_dir/.ocrd-trash/`: the only writer of batches and records.
+
+Quarantining is one rename per model into this cycle's batch, whose record
+is durable before the first model moves. Restoring renames a model back
+(never over an entry), purging removes it for good; a batch left with no
+model is dropped. ocrd.observe.trash reads what this writes.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import stat
+import time
+from typing import Any
+
+from ocrd.act.fs import NOW_SYNC, ActionError, Log, Sync, fsync_dir, hidden_name, write_durably
+from ocrd.core.model import TrashItem
+from ocrd.core.names import DELETING_PREFIX, RECORD, TRASH
+from ocrd.observe.trash import read_batch
+
+
+def _trash_dir(root: str) -> str:
+    path = os.path.join(root, TRASH)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.mkdir(path, 0o700)
+        fsync_dir(root)
+        return path
+    if not stat.S_ISDIR(st.st_mode):
+        raise ActionError(f"{path} is not a directory; refusing to quarantine into it")
+    return path
+
+
+class QuarantineBatch:
+    """One cycle's quarantine directory, `.ocrd-trash/<id>/`.
+
+    Its record lists every model the cycle may move in and is durable before
+    the first one moves, so quarantining a model is then a single rename: a
+    model in the directory always has its record, and a listed model that is
+    not there simply never moved (or was restored or purged since).
+    """
+
+    def __init__(self, root: str, items: list[dict[str, Any]], *, now: float) -> None:
+        """*items*: what may move in, each {name, reason, size, sha256} (see record_item)."""
+        trash = _trash_dir(root)
+        self.id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
+        self.path = os.path.join(trash, self.id)
+        self.moved = 0
+        os.mkdir(self.path, 0o700)
+        try:
+            write_durably(
+                os.path.join(self.path, RECORD),
+                {"version": 2, "trashed_at": now, "items": items},
+            )
+            fsync_dir(self.path)
+            fsync_dir(trash)
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            shutil.rmtree(self.path, ignore_errors=True)  # nothing moved in yet
+            raise
+
+    def move(self, root_fd: int, name: str) -> str:
+        """Rename *name* from the model dir into the batch; returns its trash id."""
+        os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=self._fd)
+        self.moved += 1
+        return f"{self.id}/{name}"
+
+    def close(self, root: str, sync: Sync) -> None:
+        """Flush the moves (or, if nothing moved, remove the batch again)."""
+        os.close(self._fd)
+        if self.moved:
+            sync.dir(self.path)
+        else:
+            drop_if_empty(root, self.id)
+
+
+def record_item(name: str, reason: str, size: int, sha256: str | None) -> dict[str, Any]:
+    """One model's line in a quarantine record."""
+    return {"name": name, "reason": reason, "size": size, "sha256": sha256}
+
+
+def quarantine(
+    root: str, name: str, *, reason: str, size: int, sha256: str | None, now: float
+) -> str:
+    """Move root/name into a quarantine batch of its own; returns its trash id."""
+    batch = QuarantineBatch(root, [record_item(name, reason, size, sha256)], now=now)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        item_id = batch.move(root_fd, name)
+    finally:
+        os.close(root_fd)
+        batch.close(root, NOW_SYNC)
+    fsync_dir(root)
+    return item_id
+
+
+def drop_if_empty(root: str, batch_id: str) -> bool:
+    """Remove a quarantine batch that holds no model any more (only its record)."""
+    path = os.path.join(root, TRASH, batch_id)
+    try:
+        batch = read_batch(path)
+    except FileNotFoundError:
+        return False
+    if batch.payloads:
+        return False
+    hidden = os.path.join(root, hidden_name(DELETING_PREFIX))
+    os.rename(path, hidden)
+    shutil.rmtree(hidden)
+    return True
+
+
+def purge(root: str, item_id: str, *, sync: Sync = NOW_SYNC) -> None:
+    """Remove one quarantined model for good (a directory is renamed out first).
+
+    The caller drops the batch once it is empty (drop_if_empty).
+    """
+    batch_id, name = item_id.split("/", 1)
+    path = os.path.join(root, TRASH, batch_id, name)
+    if stat.S_ISDIR(os.lstat(path).st_mode):
+        hidden = os.path.join(root, hidden_name(DELETING_PREFIX))
+        os.rename(path, hidden)
+        fsync_dir(root)
+        shutil.rmtree(hidden)
+    else:
+        os.unlink(path)
+        sync.dir(os.path.dirname(path))
+
+
+class Purger:
+    """Purging quarantined models for good, then dropping the batches left empty.
+
+    The one purge path: the cycle's retention purge and `ocrd trash purge`
+    both go through it, so both log `trash.purged` alike and leave no empty
+    batch behind.
+    """
+
+    def __init__(self, root: str, *, log: Log, sync: Sync = NOW_SYNC) -> None:
+        self.root, self.log, self.sync = root, log, sync
+        self.emptied: set[str] = set()  # batches something was taken out of
+
+    def purge(self, item_id: str, *, model: str, reason: str, size: int) -> None:
+        """Remove one item (raises OSError) and log it."""
+        purge(self.root, item_id, sync=self.sync)
+        self.emptied.add(item_id.split("/", 1)[0])
+        self.log.info(
+            "trash.purged",
+            model=model,
+            reason=reason,
+            bytes=size,
+            dest="deleted",
+            trash_id=item_id,
+        )
+
+    def close(self) -> None:
+        """Drop the batches left without models; a failure is logged, recovery retries."""
+        for batch_id in sorted(self.emptied):
+            try:
+                drop_if_empty(self.root, batch_id)
+            except OSError as exc:
+                self.log.error("trash.cleanup_failed", error=str(exc))
+        self.emptied.clear()
+
+
+def restore_from_trash(root: str, item: TrashItem, *, as_name: str | None = None) -> str:
+    """Put a quarantined model back under its name (never over an existing entry)."""
+    name = as_name or item.name
+    target = os.path.join(root, name)
+    if os.path.lexists(target):
+        raise ActionError(f"{name!r} already exists in the model dir; move it away first")
+    batch_id = item.id.split("/", 1)[0]
+    src = os.path.join(root, TRASH, item.id)
+    os.rename(src, target)
+    fsync_dir(root)
+    drop_if_empty(root, batch_id)
+    return name

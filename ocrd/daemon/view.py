@@ -1,0 +1,77 @@
+"""The suspicious-view guard: never act on a model dir that may not be the real one.
+
+A model dir that vanished, became unreadable or locked elsewhere, became
+empty after holding models, or moved to another filesystem (a mount went
+away) is a suspicious view (DESIGN §4): the cycle only reports until an
+operator confirms with a reload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ocrd.core.model import Snapshot
+
+
+@dataclass(slots=True)
+class _View:
+    """What a confirmed view of the model dir looked like."""
+
+    device: int
+    models: int
+
+
+class ViewGuard:
+    """The last trusted view, and why the current one is not trusted (if it is not)."""
+
+    def __init__(self, log: Any) -> None:
+        self.log = log
+        self._view: _View | None = None
+        self.suspicious: str | None = None
+
+    @property
+    def seen(self) -> bool:
+        """Whether a view was ever trusted since the last confirmation."""
+        return self._view is not None
+
+    def gate(self, snapshot: Snapshot, *, models: int, model_dir: str) -> str | None:
+        """A reason not to act on this view of the model dir, or None."""
+        reason = None
+        if self._view is not None:
+            if snapshot.device != self._view.device:
+                reason = (
+                    f"model_dir is on another filesystem than before (device "
+                    f"{self._view.device} -> {snapshot.device}): a mount may have gone away"
+                )
+            elif models == 0 and self._view.models > 0:
+                reason = f"model_dir became empty (it held {self._view.models} models)"
+        if reason is None:
+            self._view = _View(snapshot.device, models)
+        return self.suspect(reason, model_dir=model_dir)
+
+    def suspect(self, reason: str | None, *, model_dir: str) -> str | None:
+        """Record *reason* (None: trusted again), logging each change once."""
+        if reason is not None and reason != self.suspicious:
+            self.log.error(
+                "model_dir.suspicious",
+                model_dir=model_dir,
+                reason=reason,
+                hint="nothing is pruned or restored until an operator confirms with a reload "
+                "(systemctl reload ocrd, or SIGHUP)",
+            )
+        elif reason is None and self.suspicious is not None:
+            self.log.info("model_dir.trusted", model_dir=model_dir)
+        self.suspicious = reason
+        return reason
+
+    def acted(self, *, pruned: int, restored: int) -> None:
+        """ocrd's own prunes and restores change what "normal" looks like: emptying
+        the dir by policy is not a suspicious view at the next cycle."""
+        if self._view is not None:
+            self._view.models = max(0, self._view.models - pruned + restored)
+
+    def confirm(self) -> None:
+        """An operator's reload: accept whatever view comes next."""
+        self._view = None
+        self.suspicious = None

@@ -1,0 +1,87 @@
+"""sha256 of pinned models, streamed in large blocks, and the cache that makes
+an unchanged multi-GB file cost one read: keyed by (device, inode, size,
+mtime_ns), kept as JSON in the state dir."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from ocrd import statefile
+
+BLOCK = 4 * 1024 * 1024
+CACHE_FILE = "hashes.json"
+
+# progress(name, bytes_done, bytes_total)
+Progress = Callable[[str, int, int], None]
+
+
+def sha256_file(path: str, *, name: str = "", progress: Progress | None = None) -> str:
+    """Stream *path* through sha256 without following a final symlink."""
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb", buffering=0) as fh:
+        total = os.fstat(fd).st_size
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        buf = bytearray(BLOCK)
+        view = memoryview(buf)
+        done = 0
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            digest.update(view[:n])
+            done += n
+            if progress is not None:
+                progress(name, done, total)
+    return digest.hexdigest()
+
+
+class HashCache:
+    """sha256 by (device, inode, size, mtime_ns), kept as JSON in the state dir."""
+
+    def __init__(self, state_dir: Path | None) -> None:
+        self.path = None if state_dir is None else state_dir / CACHE_FILE
+        self._data: dict[str, str] = {}
+        self._seen: set[str] = set()
+        self._dirty = False
+        if self.path is not None:
+            try:
+                with open(self.path, encoding="utf-8") as fh:
+                    loaded = json.load(fh)
+                if isinstance(loaded, dict) and loaded.get("version") == 1:
+                    self._data = {str(k): str(v) for k, v in loaded["hashes"].items()}
+            except (OSError, ValueError, KeyError, AttributeError):
+                self._data = {}
+
+    @staticmethod
+    def key(st: os.stat_result) -> str:
+        return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+    def get(self, st: os.stat_result) -> str | None:
+        key = self.key(st)
+        self._seen.add(key)
+        return self._data.get(key)
+
+    def put(self, st: os.stat_result, sha: str) -> None:
+        key = self.key(st)
+        self._seen.add(key)
+        self._data[key] = sha
+        self._dirty = True
+
+    def save(self) -> str | None:
+        """Keep the entries used since loading; returns an error text instead of raising."""
+        if self.path is None:
+            return None
+        data = {k: v for k, v in self._data.items() if k in self._seen}
+        if not self._dirty and data == self._data:
+            return None
+        error = statefile.write_json(self.path, {"version": 1, "hashes": data}, mode=0o640)
+        if error:
+            return error
+        self._data, self._dirty = data, False
+        return None
