@@ -10,10 +10,10 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
 import stat
 from typing import Any
 
+from ocrd.act.tree import refuse_mounts, remove_path
 from ocrd.core.model import Entry, Kind
 from ocrd.core.names import DELETING_PREFIX
 from ocrd.observe.scan import kind_of, tree_stats
@@ -71,13 +71,10 @@ def hidden_name(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(8)}"
 
 
-def remove_tree(path: str) -> None:
-    """Remove a file, link or directory at *path* (never following a symlink)."""
-    st = os.lstat(path)
-    if stat.S_ISDIR(st.st_mode):
-        shutil.rmtree(path)
-    else:
-        os.unlink(path)
+def remove_tree(root: str, name: str) -> None:
+    """Remove root/name, a file, link or directory (see ocrd.act.tree: no link
+    followed, no mount crossed, no depth limit); raises Leftover for what stays."""
+    remove_path(root, name)
 
 
 def write_durably(path: str, data: dict[str, Any]) -> None:
@@ -125,10 +122,11 @@ def delete(root: str, name: str, kind: Kind, *, sync: Sync = NOW_SYNC) -> None:
     """Remove root/name: files and links at once, directories via a hidden name."""
     path = f"{root}/{name}"
     if kind is Kind.DIR:
-        hidden = os.path.join(root, hidden_name(DELETING_PREFIX))
-        os.rename(path, hidden)
+        refuse_mounts(root, name)  # a model with a mount inside stays whole, under its name
+        hidden = hidden_name(DELETING_PREFIX)
+        os.rename(path, os.path.join(root, hidden))
         fsync_dir(root)  # out of its name for good before its contents go
-        shutil.rmtree(hidden)
+        remove_path(root, hidden)  # what stays is finished by recovery
     else:
         os.unlink(path)
         sync.dir(root)

@@ -26,7 +26,7 @@ def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[
     leftovers = [n for n in names if n.startswith(prefixes)]
     for name in sorted(leftovers):
         try:
-            remove_tree(os.path.join(root, name))
+            remove_tree(root, name)
         except FileNotFoundError:
             continue
         except OSError as exc:

@@ -8,14 +8,15 @@ model is dropped. ocrd.observe.trash reads what this writes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-import shutil
 import stat
 import time
 from typing import Any
 
 from ocrd.act.fs import NOW_SYNC, ActionError, Log, Sync, fsync_dir, hidden_name, write_durably
+from ocrd.act.tree import refuse_mounts, remove_path
 from ocrd.core.model import TrashItem
 from ocrd.core.names import DELETING_PREFIX, RECORD, TRASH
 from ocrd.observe.trash import read_batch
@@ -59,7 +60,8 @@ class QuarantineBatch:
             fsync_dir(trash)
             self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            shutil.rmtree(self.path, ignore_errors=True)  # nothing moved in yet
+            with contextlib.suppress(OSError):
+                remove_path(trash, self.id)  # nothing moved in yet
             raise
 
     def move(self, root_fd: int, name: str) -> str:
@@ -106,9 +108,9 @@ def drop_if_empty(root: str, batch_id: str) -> bool:
         return False
     if batch.payloads:
         return False
-    hidden = os.path.join(root, hidden_name(DELETING_PREFIX))
-    os.rename(path, hidden)
-    shutil.rmtree(hidden)
+    hidden = hidden_name(DELETING_PREFIX)
+    os.rename(path, os.path.join(root, hidden))
+    remove_path(root, hidden)
     return True
 
 
@@ -120,10 +122,11 @@ def purge(root: str, item_id: str, *, sync: Sync = NOW_SYNC) -> None:
     batch_id, name = item_id.split("/", 1)
     path = os.path.join(root, TRASH, batch_id, name)
     if stat.S_ISDIR(os.lstat(path).st_mode):
-        hidden = os.path.join(root, hidden_name(DELETING_PREFIX))
-        os.rename(path, hidden)
+        refuse_mounts(os.path.dirname(path), name)  # stays quarantined, whole
+        hidden = hidden_name(DELETING_PREFIX)
+        os.rename(path, os.path.join(root, hidden))
         fsync_dir(root)
-        shutil.rmtree(hidden)
+        remove_path(root, hidden)
     else:
         os.unlink(path)
         sync.dir(os.path.dirname(path))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from ocrd.config import yamlsafe
 from ocrd.core.errors import PolicyError, Problem
 from ocrd.core.policy import Loc, Policy, cross_check
+from ocrd.openfile import NotRegularError, read_regular
 
 DEFAULT_PATH = Path("/etc/ocrd/policy.yaml")
 ENV_PREFIX = "OCRD_"
@@ -260,62 +260,41 @@ def _problems_from(exc: ValidationError, path: Path, lines: dict[Loc, int]) -> l
     return problems
 
 
+def _problem(path: Path, message: str) -> PolicyError:
+    return PolicyError([Problem(str(path), None, "", message)])
+
+
 def _read(path: Path) -> bytes:
+    """The policy file's bytes; opened without blocking, whatever is at *path* (a FIFO
+    swapped in after a check would block a plain open() forever)."""
     try:
-        # stat first: opening a FIFO or a device could block or read forever.
-        if not stat.S_ISREG(os.stat(path).st_mode) and not path.is_dir():
-            raise PolicyError(
-                [
-                    Problem(
-                        str(path),
-                        None,
-                        "",
-                        "is not a regular file. Pass the YAML policy file itself with --config.",
-                    )
-                ]
-            )
-        with open(path, "rb") as fh:
-            data = fh.read(yamlsafe.MAX_BYTES + 1)
-            if len(data) > yamlsafe.MAX_BYTES:
-                size = os.fstat(fh.fileno()).st_size
-                raise PolicyError(
-                    [
-                        Problem(
-                            str(path),
-                            None,
-                            "",
-                            f"file is {size} bytes; a policy may be at most "
-                            f"{yamlsafe.MAX_BYTES} bytes (1 MiB). Is this the right file?",
-                        )
-                    ]
-                )
-    except FileNotFoundError:
-        raise PolicyError(
-            [
-                Problem(
-                    str(path),
-                    None,
-                    "",
-                    "policy file not found. Pass "
-                    "--config PATH or set OCRD_CONFIG; see config.example.yaml.",
-                )
-            ]
+        data = read_regular(path, limit=yamlsafe.MAX_BYTES, follow=True)
+    except NotRegularError as exc:
+        if exc.kind == "a directory":
+            raise _problem(
+                path, "is a directory, not a policy file. Pass the YAML file itself with --config."
+            ) from None
+        raise _problem(
+            path, "is not a regular file. Pass the YAML policy file itself with --config."
         ) from None
-    except IsADirectoryError:
-        raise PolicyError(
-            [
-                Problem(
-                    str(path),
-                    None,
-                    "",
-                    "is a directory, not a policy file. Pass the YAML file itself with --config.",
-                )
-            ]
+    except FileNotFoundError:
+        raise _problem(
+            path,
+            "policy file not found. Pass --config PATH or set OCRD_CONFIG; "
+            "see config.example.yaml.",
         ) from None
     except OSError as exc:
-        raise PolicyError(
-            [Problem(str(path), None, "", f"cannot read: {exc.strerror}. Check its permissions.")]
-        ) from None
+        raise _problem(path, f"cannot read: {exc.strerror}. Check its permissions.") from None
+    if len(data) > yamlsafe.MAX_BYTES:
+        try:
+            size = os.stat(path).st_size
+        except OSError:
+            size = len(data)
+        raise _problem(
+            path,
+            f"file is {size} bytes; a policy may be at most "
+            f"{yamlsafe.MAX_BYTES} bytes (1 MiB). Is this the right file?",
+        )
     return data
 
 

@@ -33,6 +33,7 @@ from ocrd.daemon.watcher import Watcher
 from ocrd.engine.auto import make_engine
 from ocrd.engine.base import EngineError
 from ocrd.observe.handles import deleted_held, visibility
+from ocrd.openfile import NotRegularError
 
 DEBOUNCE_CAP = 5  # a cycle at least every 5 debounce periods under constant writes
 BUSY_RETRY = 10.0  # seconds before a busy model is tried again
@@ -282,9 +283,10 @@ class Daemon:
         state = self.state
         try:
             digest = reload.file_digest(self.config_path)
-        except OSError as exc:
+        except (OSError, NotRegularError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
             if not (state.rejected and state.rejected.get("digest") is None):
-                self._reject([f"{self.config_path}: cannot read the policy: {exc.strerror}"], None)
+                self._reject([f"{self.config_path}: cannot read the policy: {why}"], None)
             return False
         rejected_digest = state.rejected.get("digest") if state.rejected else None
         if not forced and digest in (self.loaded.digest, rejected_digest):

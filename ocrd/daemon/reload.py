@@ -11,7 +11,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ocrd.config.yamlsafe import MAX_BYTES
 from ocrd.core.policy import Policy
+from ocrd.openfile import read_regular
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,5 +36,11 @@ def diff(old: Policy, new: Policy) -> Change:
 
 
 def file_digest(path: Path) -> str:
-    """sha256 of the policy file's bytes (raises OSError when it cannot be read)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    """sha256 of the policy file's bytes, read without blocking on what it is.
+
+    Raises OSError when it cannot be read, NotRegularError when it is no
+    regular file (an editor or an attacker put a FIFO there: reading it would
+    block the loop, and with it SIGTERM and the watchdog). A file over the
+    size limit is hashed up to it; loading it then reports the size.
+    """
+    return hashlib.sha256(read_regular(path, limit=MAX_BYTES, follow=True)).hexdigest()

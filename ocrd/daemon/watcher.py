@@ -61,6 +61,17 @@ def _identity(path: str | None) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino)
 
 
+def _paths(event: FileSystemEvent) -> list[str] | None:
+    """The paths an event is about (a move has two); None for events that change nothing."""
+    if event.event_type in ("opened", "closed_no_write"):
+        return None
+    paths = [os.fsdecode(event.src_path)]
+    dest = getattr(event, "dest_path", "")  # only moves carry one
+    if dest:
+        paths.append(os.fsdecode(dest))
+    return paths
+
+
 class _ModelEvents(FileSystemEventHandler):
     """Wakes on changes to top-level entries; ocrd's own dot-entries are skipped."""
 
@@ -69,13 +80,7 @@ class _ModelEvents(FileSystemEventHandler):
         self.wake = wake
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
-        paths = [os.fsdecode(event.src_path)]
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            paths.append(os.fsdecode(dest))
-        for path in paths:
+        for path in _paths(event) or ():
             name = _top_name(self.root, path)
             if name is None or not name.startswith("."):
                 self.wake()
@@ -105,13 +110,7 @@ class _PolicyEvents(FileSystemEventHandler):
         return name in self.names or name.startswith("..")
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.event_type in ("opened", "closed_no_write"):
-            return
-        paths = [os.fsdecode(event.src_path)]
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            paths.append(os.fsdecode(dest))
-        if any(self._relevant(p) for p in paths):
+        if any(self._relevant(p) for p in _paths(event) or ()):
             self.wake()
 
 

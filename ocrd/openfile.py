@@ -1,0 +1,91 @@
+"""Opening a file that must be a regular file, without ever blocking on what it really is.
+
+A path checked with stat() and then opened can be swapped in between; and
+opening a FIFO blocks until a writer comes, a device may read forever. So:
+open non-blocking (a FIFO then opens at once), look at what was opened with
+fstat(), refuse anything but a regular file with an error naming the path,
+and only then switch the descriptor back to blocking reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+
+from ocrd.core.errors import OcrdError
+
+KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISLNK, "a symbolic link"),
+)
+
+
+class NotRegularError(OcrdError):
+    """A path that must be a regular file is something else."""
+
+    def __init__(self, path: str, kind: str) -> None:
+        self.path, self.kind = path, kind
+        super().__init__(f"{path} is {kind}, not a regular file")
+
+
+def kind_of(mode: int) -> str:
+    """What a st_mode is, in words: "a FIFO (named pipe)", "a directory", "a regular file"…"""
+    for test, kind in KINDS:
+        if test(mode):
+            return kind
+    return "a regular file" if stat.S_ISREG(mode) else "a special file"
+
+
+def open_regular(
+    path: str | os.PathLike[str],
+    *,
+    dir_fd: int | None = None,
+    follow: bool = False,
+    write: bool = False,
+) -> int:
+    """A descriptor of *path*, which is a regular file (else NotRegularError; OSError as is).
+
+    *follow*: a final symlink is followed (a policy file may be one, as a
+    Kubernetes ConfigMap mounts it); else a link is refused (ELOOP surfaces
+    as NotRegularError "a symbolic link"). No O_CREAT: create files elsewhere.
+    """
+    flags = os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY | (os.O_RDWR if write else os.O_RDONLY)
+    if not follow:
+        flags |= os.O_NOFOLLOW
+    shown = os.fspath(path)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:  # O_NOFOLLOW met a link
+            raise NotRegularError(shown, "a symbolic link") from None
+        if exc.errno == errno.ENXIO:  # a FIFO opened to write with no reader, or a socket
+            raise NotRegularError(shown, "a FIFO or socket") from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularError(shown, kind_of(mode))
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_regular(
+    path: str | os.PathLike[str],
+    *,
+    limit: int,
+    dir_fd: int | None = None,
+    follow: bool = False,
+) -> bytes:
+    """Up to *limit* + 1 bytes of the regular file *path* (the caller checks the size)."""
+    fd = open_regular(path, dir_fd=dir_fd, follow=follow)
+    with os.fdopen(fd, "rb") as fh:
+        return fh.read(limit + 1)
