@@ -457,6 +457,7 @@ class Daemon:
             watch=self.watcher.mode,
             engine=self.engine.engine.name,
             handles=self._handles(),
+            notify_dropped=self.notify.dropped,
         )
         error = status.write(status.status_dir(policy.state_dir) / status.STATUS_NAME, doc)
         if error:

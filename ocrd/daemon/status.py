@@ -125,6 +125,7 @@ def document(
     watch: str,
     engine: str,
     handles: tuple[int, int],
+    notify_dropped: int = 0,
 ) -> dict[str, Any]:
     """The whole status document (schema 1); *word* is "running" or "stopped"."""
     reasons = degraded(state)
@@ -154,6 +155,7 @@ def document(
     doc["handles"] = {"inspected": handles[0], "processes": handles[1]}
     doc["deleted_held"] = [row.as_dict() for row in state.deleted_held]
     doc["pinned_bytes"] = pinned_bytes(state.deleted_held)
+    doc["notify_dropped"] = notify_dropped
     return doc
 
 

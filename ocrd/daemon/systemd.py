@@ -2,6 +2,10 @@
 
 Does nothing when $NOTIFY_SOCKET is unset (not started by systemd). Send
 errors are returned, never raised: a notify failure must not stop the daemon.
+The socket is non-blocking: when the manager does not read (the kernel keeps
+only net.unix.max_dgram_qlen datagrams), a message is dropped and counted,
+and the loop goes on — a blocked sendto() would stop cycles, the watchdog
+and shutdown alike.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ class Notifier:
         raw = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
         self.address = "\0" + raw[1:] if raw.startswith("@") else raw
         self._sock: socket.socket | None = None
+        self.dropped = 0  # messages not sent because the manager's queue was full
 
     @property
     def enabled(self) -> bool:
@@ -29,8 +34,13 @@ class Notifier:
             return None
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
             self._sock.sendto("\n".join(lines).encode("utf-8"), self.address)
+        except BlockingIOError:
+            self.dropped += 1
+            return f"sd_notify to {self.address!r}: the queue is full; message dropped"
         except OSError as exc:
             return f"sd_notify to {self.address!r} failed: {exc}"
         return None
