@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import pwd
 import stat
 
 from ocrd.core.errors import OcrdError
@@ -89,3 +90,44 @@ def read_regular(
     fd = open_regular(path, dir_fd=dir_fd, follow=follow)
     with os.fdopen(fd, "rb") as fh:
         return fh.read(limit + 1)
+
+
+def owner_name(uid: int) -> str:
+    """A user's name for messages ("uid 1234" when it has none)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def give_to_owner_of(fd: int, directory: os.stat_result) -> None:
+    """Make what ocrd just created (open as *fd*) belong to the owner of the directory it
+    is in, when ocrd runs as root: a root `ocrd apply` must not leave files the service
+    user cannot open. Does nothing for any other user (they cannot chown)."""
+    if os.geteuid() != 0:
+        return
+    st = os.fstat(fd)
+    if (st.st_uid, st.st_gid) != (directory.st_uid, directory.st_gid):
+        os.fchown(fd, directory.st_uid, directory.st_gid)
+
+
+def make_dirs(path: str | os.PathLike[str], mode: int = 0o750) -> None:
+    """mkdir -p that, as root, gives each directory it creates to the owner of the one
+    above it (so a root run leaves nothing the service user cannot enter)."""
+    target = os.path.abspath(os.fspath(path))
+    missing: list[str] = []
+    current = target
+    while not os.path.isdir(current):
+        missing.append(current)
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, mode)
+        except FileExistsError:
+            continue
+        if os.geteuid() == 0:
+            above = os.stat(os.path.dirname(directory))
+            os.chown(directory, above.st_uid, above.st_gid, follow_symlinks=False)

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ocrd.openfile import give_to_owner_of, make_dirs
+
 
 def pid_alive(pid: int) -> bool:
     """Whether a process with this pid exists (ours to signal or not)."""
@@ -48,12 +50,13 @@ def write_json(
     """Replace *path* with *data* atomically; returns an error text instead of raising."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        make_dirs(path.parent, 0o750)
         _sweep(path)
         fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, mode
         )
         try:
+            give_to_owner_of(fd, os.stat(path.parent))
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(json.dumps(data, indent=indent))  # the C encoder, unlike dump()
                 fh.write("\n")

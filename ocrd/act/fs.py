@@ -17,6 +17,7 @@ from ocrd.act.tree import refuse_mounts, remove_path
 from ocrd.core.model import Entry, Kind
 from ocrd.core.names import DELETING_PREFIX
 from ocrd.observe.scan import kind_of, tree_stats
+from ocrd.openfile import give_to_owner_of
 
 Log = Any  # a structlog bound logger
 
@@ -80,8 +81,9 @@ def remove_tree(root: str, name: str) -> None:
 def write_durably(path: str, data: dict[str, Any]) -> None:
     """Write *path* durably: a flushed temp file renamed over it."""
     tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        give_to_owner_of(fd, os.stat(os.path.dirname(path)))
         fh.write(json.dumps(data))  # dumps: CPython's C encoder; dump() streams in Python
         fh.flush()
         os.fsync(fh.fileno())

@@ -17,6 +17,7 @@ from ocrd.act.trash import quarantine
 from ocrd.core.model import Action
 from ocrd.core.names import TMP_PREFIX
 from ocrd.observe.hashing import BLOCK
+from ocrd.openfile import give_to_owner_of
 
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 
@@ -44,6 +45,7 @@ def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, st
                     view = view[written:]
                 total += len(chunk)
             os.fchmod(dst_fd, stat.S_IMODE(st.st_mode) & 0o755 | 0o400)
+            give_to_owner_of(dst_fd, os.stat(os.path.dirname(tmp)))
             os.fsync(dst_fd)
         finally:
             os.close(dst_fd)

@@ -20,6 +20,7 @@ from ocrd.act.tree import refuse_mounts, remove_path
 from ocrd.core.model import TrashItem
 from ocrd.core.names import DELETING_PREFIX, RECORD, TRASH
 from ocrd.observe.trash import read_batch
+from ocrd.openfile import give_to_owner_of
 
 
 def _trash_dir(root: str) -> str:
@@ -28,6 +29,11 @@ def _trash_dir(root: str) -> str:
         st = os.lstat(path)
     except FileNotFoundError:
         os.mkdir(path, 0o700)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            give_to_owner_of(fd, os.stat(root))
+        finally:
+            os.close(fd)
         fsync_dir(root)
         return path
     if not stat.S_ISDIR(st.st_mode):
@@ -52,6 +58,11 @@ class QuarantineBatch:
         self.moved = 0
         os.mkdir(self.path, 0o700)
         try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            try:
+                give_to_owner_of(fd, os.stat(trash))
+            finally:
+                os.close(fd)
             write_durably(
                 os.path.join(self.path, RECORD),
                 {"version": 2, "trashed_at": now, "items": items},

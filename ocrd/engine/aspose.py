@@ -20,6 +20,7 @@ from typing import Any
 
 from ocrd.engine.base import EngineError
 from ocrd.engine.host import HostProcess
+from ocrd.openfile import make_dirs
 
 # The llama.cpp build tag aspose-ocr-python-net 26.10 looks for, next to its
 # models folder: <XDG_DATA_HOME>/Aspose.AI.LLM/runtimes/<tag>/<rid>/native/.
@@ -64,6 +65,9 @@ def _replace_symlink(link: Path, target: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     os.symlink(target, tmp)
+    if os.geteuid() == 0:  # a root run leaves the link to the owner of its directory
+        above = os.stat(link.parent)
+        os.chown(tmp, above.st_uid, above.st_gid, follow_symlinks=False)
     os.replace(tmp, link)
 
 
@@ -107,16 +111,16 @@ class AsposeEngine:
 
     def _prepare(self, model_dir: Path) -> None:
         models_parent = self.home / "Aspose.AI.LLM"
-        models_parent.mkdir(parents=True, exist_ok=True)
-        self.work.mkdir(parents=True, exist_ok=True)
+        make_dirs(models_parent)
+        make_dirs(self.work)
         _replace_symlink(models_parent / "models", model_dir)
         if self.runtime_dir is not None:
             for rid in RUNTIME_RIDS:
                 native_parent = models_parent / "runtimes" / RUNTIME_TAG / rid
-                native_parent.mkdir(parents=True, exist_ok=True)
+                make_dirs(native_parent)
                 _replace_symlink(native_parent / "native", self.runtime_dir)
             libdir = self.root / "lib"
-            libdir.mkdir(exist_ok=True)
+            make_dirs(libdir)
             libdl = _libdl()
             if libdl is not None:
                 _replace_symlink(libdir / "libdl.so", Path(libdl))

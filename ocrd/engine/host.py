@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from ocrd.engine.base import EngineError
+from ocrd.openfile import give_to_owner_of
 
 CHILD_MODULE = "ocrd.engine.child"
 START_TIMEOUT = 60.0
@@ -58,6 +59,7 @@ class HostProcess:
     def start(self) -> dict[str, Any] | None:
         """Spawn the child and read its hello line (None: it exited first)."""
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the host
+        give_to_owner_of(self._log_file.fileno(), os.stat(self.log_path.parent))
         self.proc = subprocess.Popen(
             [sys.executable, "-I", "-m", CHILD_MODULE],
             stdin=subprocess.PIPE,
