@@ -131,3 +131,15 @@ def make_dirs(path: str | os.PathLike[str], mode: int = 0o750) -> None:
         if os.geteuid() == 0:
             above = os.stat(os.path.dirname(directory))
             os.chown(directory, above.st_uid, above.st_gid, follow_symlinks=False)
+
+
+def mount_id(fd: int) -> int | None:
+    """The id of the mount *fd* lives on (/proc/self/fdinfo), None where the kernel hides it."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

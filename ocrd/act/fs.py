@@ -7,6 +7,7 @@ of ocrd's own names (ocrd.core.names), which recovery finishes or rolls back.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -66,6 +67,24 @@ class Sync:
 
 
 NOW_SYNC = Sync()
+
+
+RENAME_NOREPLACE = 1  # linux/fs.h
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def rename_noreplace(src: str, dst: str, *, src_dir_fd: int, dst_dir_fd: int) -> None:
+    """renameat2(RENAME_NOREPLACE): move *src* to *dst* unless *dst* exists (FileExistsError).
+
+    os.rename() replaces whatever is at *dst*; putting a model back under its
+    name must never replace a new entry that appeared there meanwhile.
+    """
+    result = _libc.renameat2(
+        src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), RENAME_NOREPLACE
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), dst)
 
 
 def hidden_name(prefix: str) -> str:

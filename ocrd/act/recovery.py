@@ -6,10 +6,38 @@ import os
 from collections.abc import Iterable
 
 from ocrd.act.fs import Log, remove_tree
+from ocrd.act.holders import holders_text
 from ocrd.act.trash import drop_if_empty
 from ocrd.core.names import DELETING_PREFIX, TMP_PREFIX, TRASH
 from ocrd.log import LISTED
+from ocrd.observe.handles import build_index
+from ocrd.observe.scan import tree_members
 from ocrd.observe.trash import read_batch
+
+
+def _held(root: str, names: list[str]) -> dict[str, str]:
+    """Why a leftover must stay for now: a process holds it, or it cannot be looked into.
+
+    A crash between a delete's phases leaves its target under a hidden name;
+    it is not removed under a holder either (fail closed: what cannot be
+    inspected is not removed).
+    """
+    members: dict[str, tuple[set[tuple[int, int]], set[str]]] = {}
+    why: dict[str, str] = {}
+    for name in names:
+        try:
+            members[name] = tree_members(os.path.join(root, name))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            why[name] = f"cannot be inspected ({exc.strerror or exc}); left as it is"
+    devices = {dev for keys, _ in members.values() for dev, _ in keys}
+    index = build_index(devices, roots=(root,))
+    for name, (keys, paths) in members.items():
+        holders = index.who(keys, paths)
+        if holders:
+            why[name] = f"held by {holders_text(holders)}; removed once nobody holds it"
+    return why
 
 
 def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[str]:
@@ -23,8 +51,12 @@ def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[
         with os.scandir(root) as it:
             names = [c.name for c in it]
     prefixes = (TMP_PREFIX, DELETING_PREFIX)
-    leftovers = [n for n in names if n.startswith(prefixes)]
-    for name in sorted(leftovers):
+    leftovers = sorted(n for n in names if n.startswith(prefixes))
+    held = _held(root, leftovers) if leftovers else {}
+    for name in leftovers:
+        if name in held:
+            log.warning("recovery.kept", path=name, reason=held[name])
+            continue
         try:
             remove_tree(root, name)
         except FileNotFoundError:

@@ -17,18 +17,21 @@ from ocrd.act.trash import quarantine
 from ocrd.core.model import Action
 from ocrd.core.names import TMP_PREFIX
 from ocrd.observe.hashing import BLOCK
-from ocrd.openfile import give_to_owner_of
+from ocrd.openfile import NotRegularError, give_to_owner_of, open_regular
 
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 
 
 def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, str]:
     digest = hashlib.sha256()
-    src_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # Non-blocking open, then fstat: a FIFO or a device as the source is refused,
+        # never read (a FIFO nobody writes to would hang the cycle with the lock held).
+        src_fd = open_regular(source, follow=True)
+    except NotRegularError as exc:
+        raise ActionError(f"source {exc}; point `source` at the model file itself") from None
     try:
         st = os.fstat(src_fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ActionError(f"source {source} is not a regular file")
         dst_fd = os.open(
             tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
@@ -83,7 +86,7 @@ def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | N
                 root,
                 action.name,
                 reason="corrupt; replaced by restore",
-                size=action.entry.size or 0,  # a required model is always looked at
+                size=action.entry.size,
                 sha256=action.entry.sha256,
                 now=now,
             )

@@ -18,21 +18,12 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ocrd.openfile import mount_id
+
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def mount_id(fd: int) -> int | None:
-    """The id of the mount *fd* lives on (/proc/self/fdinfo), None where the kernel hides it."""
-    try:
-        with open(f"/proc/self/fdinfo/{fd}", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"mnt_id:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 @dataclass(slots=True)
@@ -248,28 +239,37 @@ class Leftover(OSError):
     """A tree that could not be removed whole: what stays, and why."""
 
 
-def remove_path(root: str, name: str) -> None:
-    """remove_at() for *name* in the directory *root* (opened without following a
-    link); raises Leftover naming what stays."""
-    fd = os.open(root, DIR_FLAGS)
-    try:
-        removal = remove_at(fd, name)
-    finally:
-        os.close(fd)
+def remove_whole(parent_fd: int, name: str) -> None:
+    """remove_at(), raising Leftover naming what stays."""
+    removal = remove_at(parent_fd, name)
     if not removal.complete:
         raise Leftover(f"could not remove all of {name}: {removal.summary()}")
 
 
-def refuse_mounts(root: str, name: str) -> None:
-    """Raise Leftover when the tree *name* in *root* holds a mount point (before
-    anything of it is touched: a model with a mount inside stays whole)."""
-    fd = os.open(root, DIR_FLAGS)
-    try:
-        found = mounts_at(fd, name)
-    finally:
-        os.close(fd)
+def refuse_mounts_at(parent_fd: int, name: str) -> None:
+    """Raise Leftover when the tree *name* holds a mount point (checked before anything
+    of it is touched: a model with a mount inside stays whole)."""
+    found = mounts_at(parent_fd, name)
     if not found.complete:
         raise Leftover(
             f"{name} holds what ocrd will not remove: {found.summary()}; "
             "unmount it (or fix its permissions) and the next cycle removes the model"
         )
+
+
+def _in(root: str, name: str, what: Callable[[int, str], None]) -> None:
+    fd = os.open(root, DIR_FLAGS)
+    try:
+        what(fd, name)
+    finally:
+        os.close(fd)
+
+
+def remove_path(root: str, name: str) -> None:
+    """remove_whole() for *name* in the directory *root* (opened without following a link)."""
+    _in(root, name, remove_whole)
+
+
+def refuse_mounts(root: str, name: str) -> None:
+    """refuse_mounts_at() for *name* in the directory *root*."""
+    _in(root, name, refuse_mounts_at)

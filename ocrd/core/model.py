@@ -1,9 +1,10 @@
 """Plain values shared by the core: entries, snapshots, actions, plans.
 
 Immutable values only; nothing here touches the disk or the clock. The
-per-entry values (Entry, Classified, Action, Report, TrashItem) are
-NamedTuples: a 100,000-entry model dir builds hundreds of thousands of them
-per cycle, and a frozen dataclass costs about four times as much to create.
+per-entry values (Entry, ListedEntry, Classified, Action, Report, TrashItem)
+are NamedTuples: a 100,000-entry model dir builds hundreds of thousands of
+them per cycle, and a frozen dataclass costs about four times as much to
+create.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from typing import NamedTuple
 
 
 class Kind(str, Enum):
+    """What an entry is, as lstat (or the directory listing) tells it; links are not followed."""
+
     FILE = "file"
     DIR = "dir"
     SYMLINK = "symlink"
@@ -24,21 +27,30 @@ class Kind(str, Enum):
 
 
 class Entry(NamedTuple):
-    """One top-level entry of the model dir, as lstat saw it.
+    """One top-level entry of the model dir, as lstat saw it: what a rule may act on."""
 
-    An entry no rule can act on may be listed without being looked at (see
-    snapshot.scan's *examine*): its kind and inode then come from the
-    directory listing and size, mtime and mtime_ns are None.
+    name: str
+    kind: Kind
+    size: int  # bytes; a directory counts everything below it, a symlink its length
+    mtime: float  # seconds; a directory: the newest mtime inside it
+    inode: int
+    device: int
+    mtime_ns: int  # the entry's own st_mtime_ns, to notice a change before acting
+    sha256: str | None = None  # only computed for pinned required models
+
+
+class ListedEntry(NamedTuple):
+    """A top-level entry known from the directory listing alone, never looked at.
+
+    What scan() gives for a name no rule can act on (see its *examine*): its
+    name is enough to classify it, so it costs no lstat. The planner refuses
+    to act on one; it has no size nor times to decide or re-check with.
     """
 
     name: str
     kind: Kind
-    size: int | None  # bytes; a directory counts everything below it, a symlink its length
-    mtime: float | None  # seconds; a directory: the newest mtime inside it
     inode: int
     device: int
-    mtime_ns: int | None  # the entry's own st_mtime_ns, to notice a change before acting
-    sha256: str | None = None  # only computed for pinned required models
 
 
 class TrashItem(NamedTuple):
@@ -61,10 +73,10 @@ class Snapshot:
 
     root: str
     device: int
-    entries: tuple[Entry, ...] = ()
+    entries: tuple[Entry | ListedEntry, ...] = ()
     trash: tuple[TrashItem, ...] = ()
 
-    def by_name(self) -> dict[str, Entry]:
+    def by_name(self) -> dict[str, Entry | ListedEntry]:
         return {e.name: e for e in self.entries}
 
     def names_starting(self, prefix: str) -> list[str]:
@@ -90,9 +102,11 @@ class Class(str, Enum):
 
 
 class Pin(str, Enum):
-    NONE = "unpinned"
-    OK = "ok"
-    CORRUPT = "corrupt"
+    """What a required model's sha256 pin says of the entry under its name."""
+
+    NONE = "unpinned"  # no sha256 in the policy: any entry will do
+    OK = "ok"  # a file whose sha256 is the pin
+    CORRUPT = "corrupt"  # another sha256, none computed, or not a file
 
 
 class Classified(NamedTuple):
@@ -101,14 +115,16 @@ class Classified(NamedTuple):
     name: str
     cls: Class
     rule: str
-    entry: Entry | None = None
+    entry: Entry | ListedEntry | None = None
     pin: Pin = Pin.NONE
 
 
 class ActionKind(str, Enum):
-    PRUNE = "prune"
-    RESTORE = "restore"
-    PURGE = "purge"
+    """What an action does on disk: a model goes, comes back, or leaves the quarantine."""
+
+    PRUNE = "prune"  # into the quarantine, or deleted (prune.action)
+    RESTORE = "restore"  # copied from its source, checked against its pin if it has one
+    PURGE = "purge"  # a quarantined model deleted for good
 
 
 class Action(NamedTuple):
@@ -127,6 +143,8 @@ class Action(NamedTuple):
 
 
 class ReportKind(str, Enum):
+    """What a report tells an operator about a model; none of them changes the disk."""
+
     MISSING = "missing"
     CORRUPT = "corrupt"
     UNMANAGED = "unmanaged"

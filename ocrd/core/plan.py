@@ -1,6 +1,6 @@
 """Classification and reconciliation: the pure heart of ocrd.
 
-`reconcile(policy, snapshot, now=...)` decides; executor.apply() acts.
+`reconcile(policy, snapshot, now=...)` decides; ocrd.act.apply.apply() acts.
 No I/O and no clock here: the caller passes *now*, and the same input gives
 the same plan whatever the order of the snapshot's entries.
 """
@@ -19,6 +19,7 @@ from ocrd.core.model import (
     Classified,
     Entry,
     Kind,
+    ListedEntry,
     Pin,
     Plan,
     Report,
@@ -45,71 +46,54 @@ def _which(globs: Sequence[str], found: re.Match[str]) -> str:
 
 
 class Classifier:
-    """DESIGN §3 for one policy, with its globs compiled once (100,000 entries
-    are classified in a fraction of a second)."""
+    """DESIGN §3 for one policy, with each glob list compiled once into one regex
+    (100,000 entries are classified in a fraction of a second)."""
 
     def __init__(self, policy: Policy) -> None:
         self.ignore = tuple(policy.ignore)
         self.whitelist = tuple(policy.whitelist)
         self.required = {item.name: item.sha256 for item in policy.required}
         self.prefixes = tuple(policy.prune.prefixes)
-        self.classify = self._compile()  # the rule as a plain function
+        self.ignore_match = _glob_regex(self.ignore)
+        self.whitelist_match = _glob_regex(self.whitelist)
+        # One rule text per prefix, shared by the (maybe 50,000) entries it matches.
+        self.prefix_rules = {prefix: f"prefix {prefix!r}" for prefix in self.prefixes}
 
-    def __call__(self, entry: Entry) -> Classified:
+    def __call__(self, entry: Entry | ListedEntry) -> Classified:
         """The first rule of DESIGN §3 that applies to *entry*."""
-        return self.classify(entry)
-
-    def _compile(self) -> Callable[[Entry], Classified]:
-        # This runs once per entry, 100,000 times for a big model dir: everything
-        # it needs is a local of the closure, the common path makes no Python
-        # call but this one (the globs are one C regex match each), and the
-        # result is built with tuple.__new__ (a NamedTuple's own __new__ is
-        # Python code).
-        ignore_globs, whitelist_globs, required, prefixes = (
-            self.ignore,
-            self.whitelist,
-            self.required,
-            self.prefixes,
-        )
-        ignore, whitelist = _glob_regex(ignore_globs), _glob_regex(whitelist_globs)
-        rules = {p: f"prefix {p!r}" for p in prefixes}
-        only_rule = rules[prefixes[0]] if len(prefixes) == 1 else None
-        required_cls, allowed_cls, file_kind = Class.REQUIRED, Class.ALLOWED, Kind.FILE
-        no_pin, new = Pin.NONE, tuple.__new__
-
-        def classify(entry: Entry) -> Classified:
-            name = entry.name
-            if name[:1] == ".":
-                return new(Classified, (name, IGNORED, "dot-entry", entry, no_pin))
-            if ignore is not None and (found := ignore(name)) is not None:
-                rule = f"ignore {_which(ignore_globs, found)!r}"
-                return new(Classified, (name, IGNORED, rule, entry, no_pin))
-            if name in required:
-                pinned = required[name]
-                if pinned is None:
-                    pin = Pin.NONE
-                elif entry.kind is file_kind and entry.sha256 == pinned:
-                    pin = Pin.OK
-                else:
-                    pin = Pin.CORRUPT
-                return new(Classified, (name, required_cls, "required", entry, pin))
-            if whitelist is not None and (found := whitelist(name)) is not None:
-                rule = f"whitelist {_which(whitelist_globs, found)!r}"
-                return new(Classified, (name, allowed_cls, rule, entry, no_pin))
-            if prefixes and name.startswith(prefixes):
-                rule = only_rule or rules[next(p for p in prefixes if name.startswith(p))]
-                return new(Classified, (name, PRUNE, rule, entry, no_pin))
-            return new(Classified, (name, UNMANAGED, "no rule", entry, no_pin))
-
-        return classify
+        name = entry.name
+        if name.startswith("."):
+            return Classified(name=name, cls=Class.IGNORED, rule="dot-entry", entry=entry)
+        if self.ignore_match is not None and (found := self.ignore_match(name)) is not None:
+            rule = f"ignore {_which(self.ignore, found)!r}"
+            return Classified(name=name, cls=Class.IGNORED, rule=rule, entry=entry)
+        if name in self.required:
+            pin = _pin(entry, self.required[name])
+            return Classified(name=name, cls=Class.REQUIRED, rule="required", entry=entry, pin=pin)
+        if self.whitelist_match is not None and (found := self.whitelist_match(name)) is not None:
+            rule = f"whitelist {_which(self.whitelist, found)!r}"
+            return Classified(name=name, cls=Class.ALLOWED, rule=rule, entry=entry)
+        for prefix in self.prefixes:
+            if name.startswith(prefix):
+                rule = self.prefix_rules[prefix]
+                return Classified(name=name, cls=Class.PRUNE, rule=rule, entry=entry)
+        return Classified(name=name, cls=Class.UNMANAGED, rule="no rule", entry=entry)
 
 
-IGNORED, PRUNE, UNMANAGED = Class.IGNORED, Class.PRUNE, Class.UNMANAGED
+def _pin(entry: Entry | ListedEntry, pinned: str | None) -> Pin:
+    """What *pinned* says of a required *entry*; one never looked at is not verified."""
+    if pinned is None:
+        return Pin.NONE
+    if isinstance(entry, Entry) and entry.kind is Kind.FILE and entry.sha256 == pinned:
+        return Pin.OK
+    return Pin.CORRUPT
+
+
 _by_name = operator.attrgetter("name")
 _by_kind_name = operator.attrgetter("kind", "name")
 
 
-def classify(policy: Policy, entry: Entry) -> Classified:
+def classify(policy: Policy, entry: Entry | ListedEntry) -> Classified:
     """The first rule of DESIGN §3 that applies to *entry* (see Classifier for many)."""
     return Classifier(policy)(entry)
 
@@ -117,7 +101,7 @@ def classify(policy: Policy, entry: Entry) -> Classified:
 def count_models(policy: Policy, snapshot: Snapshot) -> int:
     """Entries that are models: everything not ignored (Plan.models, without planning)."""
     classify_one = Classifier(policy)
-    return sum(1 for e in snapshot.entries if classify_one(e).cls is not IGNORED)
+    return sum(1 for e in snapshot.entries if classify_one(e).cls is not Class.IGNORED)
 
 
 def may_act_on(policy: Policy) -> Callable[[str], bool] | None:
@@ -132,6 +116,17 @@ def may_act_on(policy: Policy) -> Callable[[str], bool] | None:
     required = frozenset(item.name for item in policy.required)
     prefixes = tuple(policy.prune.prefixes)
     return lambda name: name.startswith(prefixes) or name in required
+
+
+def _examined(c: Classified) -> Entry:
+    """The entry of *c* as lstat saw it, for a decision that needs its details.
+
+    One known from the directory listing alone means the snapshot was scanned
+    without may_act_on's names: a bug upstream, never a prune or a restore.
+    """
+    if not isinstance(c.entry, Entry):
+        raise ValueError(f"{c.name}: planned without its details; scan it with may_act_on")
+    return c.entry
 
 
 def _corrupt_reason(entry: Entry, pin: str) -> str:
@@ -154,12 +149,12 @@ def _restore(
     if item.source is None:
         return
     if item.name in hold:
-        reports.append(Report(ReportKind.HELD, item.name, hold[item.name]))
+        reports.append(Report(kind=ReportKind.HELD, name=item.name, reason=hold[item.name]))
         return
     actions.append(
         Action(
-            ActionKind.RESTORE,
-            item.name,
+            kind=ActionKind.RESTORE,
+            name=item.name,
             reason=f"{state}; restore from {item.source}",
             rule="required",
             entry=entry,
@@ -179,71 +174,67 @@ def reconcile(
     """Actions that bring *snapshot* in line with *policy*, plus reports.
 
     Pure: no I/O, no clock (the caller passes *now*); entries are sorted so
-    the result does not depend on their order. executor.apply() carries it out.
+    the result does not depend on their order. ocrd.act.apply.apply() carries it out.
     *hold* maps model names the caller wants left alone this time (flapping,
     retry backoff) to the reason; they become `held` reports instead of actions.
+    A prune candidate or a corrupt pinned model known from the directory
+    listing alone (scan() without may_act_on's names) is a ValueError.
     """
     hold = hold or {}
     entries = sorted(snapshot.entries, key=_by_name)
-    classified = list(map(Classifier(policy).classify, entries))
+    classified = list(map(Classifier(policy), entries))
     reports: list[Report] = []
-    add_report = reports.append
     actions: list[Action] = []
     errors: list[str] = []
     sources = {r.name: r for r in policy.required}
 
-    # One pass over what is there (100,000 entries: every lookup here counts):
-    # count the models, note corrupt pins, and find the prune candidates that are due.
+    # One pass over what is there: count the models, note corrupt pins, and
+    # find the prune candidates that are due.
     min_age = policy.prune.min_age
     prune_unmanaged = policy.unmanaged == "prune"
     waiting = f"pruned once older than {format_duration(min_age)}"
-    due: list[tuple[float, str, Classified]] = []  # (mtime, name, c): sorts oldest first
-    new, unmanaged_report = tuple.__new__, ReportKind.UNMANAGED
-    corrupt: list[Classified] = []
+    due: list[tuple[float, str, str, Entry]] = []  # (mtime, name, rule, entry): oldest first
+    corrupt: list[Entry] = []
     models = 0
     for c in classified:
-        cls = c.cls
-        if cls is IGNORED:
+        if c.cls is Class.IGNORED:
             continue
         models += 1
-        if cls is UNMANAGED:
-            add_report(new(Report, (unmanaged_report, c.name, "matches no rule")))
+        if c.cls is Class.UNMANAGED:
+            reports.append(Report(kind=ReportKind.UNMANAGED, name=c.name, reason="matches no rule"))
             if not prune_unmanaged:
                 continue
-        elif cls is not PRUNE:
+        elif c.cls is not Class.PRUNE:
             if c.pin is Pin.CORRUPT:
-                corrupt.append(c)
+                corrupt.append(_examined(c))
             continue
-        mtime = c.entry.mtime  # type: ignore[union-attr]  # every classified entry has one here
-        if mtime is None:  # scanned without may_act_on's names: a bug, never a prune
-            raise ValueError(f"{c.name}: planned without its details; scan it with may_act_on")
-        age = now - mtime
+        entry = _examined(c)
+        age = max(now - entry.mtime, 0.0)  # modified "in the future" (clock skew): as new as can be
         if age < min_age:
-            age = max(age, 0.0)  # modified "in the future" (clock skew): as new as can be
-            if age < min_age:
-                add_report(
-                    Report(ReportKind.WAITING, c.name, f"{c.rule}, {human_age(age)} old, {waiting}")
-                )
-                continue
-        if hold and c.name in hold:
-            add_report(Report(ReportKind.HELD, c.name, hold[c.name]))
+            why = f"{c.rule}, {human_age(age)} old, {waiting}"
+            reports.append(Report(kind=ReportKind.WAITING, name=c.name, reason=why))
             continue
-        due.append((mtime, c.name, c))
+        if c.name in hold:
+            reports.append(Report(kind=ReportKind.HELD, name=c.name, reason=hold[c.name]))
+            continue
+        rule = "unmanaged: prune" if c.cls is Class.UNMANAGED else c.rule
+        due.append((entry.mtime, c.name, rule, entry))
 
     # Required models: missing or corrupt ones are restored when a source is known.
     present = {c.name for c in classified if c.name in sources}
     for item in sorted(policy.required, key=lambda r: r.name):
         if item.name in present:
             continue
-        classified.append(Classified(item.name, Class.MISSING, "required"))
-        reports.append(Report(ReportKind.MISSING, item.name, "required model is absent"))
+        classified.append(Classified(name=item.name, cls=Class.MISSING, rule="required"))
+        reports.append(
+            Report(kind=ReportKind.MISSING, name=item.name, reason="required model is absent")
+        )
         _restore(item, "missing", None, hold, reports, actions)
-    for c in corrupt:
-        assert c.entry is not None
-        item = sources[c.name]
-        why = _corrupt_reason(c.entry, item.sha256 or "")
-        reports.append(Report(ReportKind.CORRUPT, c.name, why))
-        _restore(item, f"corrupt ({why})", c.entry, hold, reports, actions)
+    for entry in corrupt:
+        item = sources[entry.name]
+        why = _corrupt_reason(entry, item.sha256 or "")
+        reports.append(Report(kind=ReportKind.CORRUPT, name=entry.name, reason=why))
+        _restore(item, f"corrupt ({why})", entry, hold, reports, actions)
 
     # Prune candidates: prefix matches, and unmanaged entries when asked to.
     if due and len(due) > policy.prune.max_fraction * models:
@@ -252,46 +243,50 @@ def reconcile(
             f"prune.max_fraction={policy.prune.max_fraction:g}; nothing is pruned this cycle. "
             "Check the policy (a typo in prune.prefixes?), or raise max_fraction."
         )
-        for _, name, _c in due:
-            reports.append(Report(ReportKind.REFUSED, name, "over prune.max_fraction"))
+        for _, name, _, _ in due:
+            reports.append(
+                Report(kind=ReportKind.REFUSED, name=name, reason="over prune.max_fraction")
+            )
         due = []
     due.sort()
     cap = policy.prune.max_per_cycle
-    for _, name, _c in due[cap:]:
-        reports.append(
-            Report(ReportKind.DEFERRED, name, f"over prune.max_per_cycle={cap}; next cycle")
-        )
-    mode, prune_kind = policy.prune.action, ActionKind.PRUNE
+    for _, name, _, _ in due[cap:]:
+        why = f"over prune.max_per_cycle={cap}; next cycle"
+        reports.append(Report(kind=ReportKind.DEFERRED, name=name, reason=why))
     reasons: dict[tuple[str, int], str] = {}  # 50,000 prunes share a few reason texts
     prunes: list[Action] = []
-    for mtime, name, c in due[:cap]:
-        rule = "unmanaged: prune" if c.cls is UNMANAGED else c.rule
+    for mtime, name, rule, entry in due[:cap]:
         key = (rule, int(now - mtime))  # all human_age looks at
         reason = reasons.get(key)
         if reason is None:
             reason = reasons[key] = f"{rule}, {human_age(now - mtime)} old"
-        entry = c.entry
-        assert entry is not None
-        size = entry.size or 0
         prunes.append(
-            new(Action, (prune_kind, name, reason, rule, size, entry, mode, None, None, None))
+            Action(
+                kind=ActionKind.PRUNE,
+                name=name,
+                reason=reason,
+                rule=rule,
+                bytes=entry.size,
+                entry=entry,
+                mode=policy.prune.action,
+            )
         )
 
     # Quarantine retention.
     retention = policy.quarantine.retention
-    purges: list[Action] = []
-    for trashed in sorted(snapshot.trash, key=lambda t: (t.trashed_at, t.id)):
-        if now - trashed.trashed_at >= retention:
-            purges.append(
-                Action(
-                    ActionKind.PURGE,
-                    trashed.name,
-                    reason=f"in quarantine longer than {format_duration(retention)}",
-                    rule="quarantine.retention",
-                    bytes=trashed.size,
-                    trash_id=trashed.id,
-                )
-            )
+    expired = f"in quarantine longer than {format_duration(retention)}"
+    purges = [
+        Action(
+            kind=ActionKind.PURGE,
+            name=trashed.name,
+            reason=expired,
+            rule="quarantine.retention",
+            bytes=trashed.size,
+            trash_id=trashed.id,
+        )
+        for trashed in sorted(snapshot.trash, key=lambda t: (t.trashed_at, t.id))
+        if now - trashed.trashed_at >= retention
+    ]
 
     # Restores first (by name), then prunes oldest first, then purges oldest-trashed first.
     actions.sort(key=lambda a: a.name)
@@ -301,7 +296,9 @@ def reconcile(
         classified.sort(key=_by_name)  # missing names were appended
     if policy.suspend and actions:
         reports.extend(
-            Report(ReportKind.SUSPENDED, a.name, f"would {a.kind.value}: {a.reason}")
+            Report(
+                kind=ReportKind.SUSPENDED, name=a.name, reason=f"would {a.kind.value}: {a.reason}"
+            )
             for a in actions
         )
         actions = []
@@ -324,9 +321,9 @@ def next_due(policy: Policy, snapshot: Snapshot, *, now: float) -> float | None:
     times: list[float] = []
     classify_one = Classifier(policy)
     for entry in snapshot.entries:
+        if not isinstance(entry, Entry):
+            continue  # listed only: no rule acts on it
         c = classify_one(entry)
-        if entry.mtime is None:
-            continue  # not looked at: no rule acts on it
         if c.cls is Class.PRUNE or (c.cls is Class.UNMANAGED and policy.unmanaged == "prune"):
             due = entry.mtime + policy.prune.min_age
             if due > now:

@@ -64,7 +64,14 @@ def human_age(seconds: float) -> str:
     return f"{s // 86400}d {s % 86400 // 3600}h"
 
 
+def check_positive(seconds: float) -> float:
+    if seconds <= 0:
+        raise ValueError("must be longer than 0s")
+    return seconds
+
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[Duration, AfterValidator(check_positive)]  # a wait that must pass
 
 
 def _check_word(value: str, what: str) -> str:
@@ -185,28 +192,16 @@ class EngineSettings(_Strict):
     runtime_dir: Path | None = Field(
         default=None, description="Optional llama.cpp runtime directory for the engine."
     )
-    release_timeout: Duration = Field(
+    release_timeout: PositiveDuration = Field(
         default=10.0, description="The engine must be released by then, else nothing is deleted."
     )
 
-    @field_validator("release_timeout")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be longer than 0s")
-        return value
-
 
 class Reconcile(_Strict):
-    debounce: Duration = Field(default=2.0, description="Settle time after the last file event.")
-    resync: Duration = Field(default=300.0, description="Full rescan even without events.")
-
-    @field_validator("debounce", "resync")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        if value <= 0:
-            raise ValueError("must be longer than 0s")
-        return value
+    debounce: PositiveDuration = Field(
+        default=2.0, description="Settle time after the last file event."
+    )
+    resync: PositiveDuration = Field(default=300.0, description="Full rescan even without events.")
 
 
 class Log(_Strict):

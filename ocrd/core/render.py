@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from typing import Any
 
-from ocrd.core.model import Class, Classified, Plan, ReportKind, TrashItem
+from ocrd.core.model import Class, Classified, Entry, Plan, ReportKind, TrashItem
 from ocrd.core.policy import human_age
 
 SCHEMA = 1
@@ -43,24 +43,28 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(out)
 
 
-def _age(c: Classified, now: float) -> float | None:
-    mtime = None if c.entry is None else c.entry.mtime
-    return None if mtime is None else max(0.0, now - mtime)
+def _details(c: Classified) -> Entry | None:
+    """The entry lstat saw, if any: none for a missing name or one only listed."""
+    return c.entry if isinstance(c.entry, Entry) else None
+
+
+def _age(entry: Entry, now: float) -> float:
+    return max(0.0, now - entry.mtime)  # an mtime in the future counts as 0
 
 
 def models_json(root: str, classified: Sequence[Classified], *, now: float) -> dict[str, Any]:
     models = []
     for c in classified:
-        age = _age(c, now)
+        entry = _details(c)
         models.append(
             {
                 "name": c.name,
                 "class": c.cls.value,
                 "rule": c.rule,
                 "kind": c.entry.kind.value if c.entry else None,
-                "size": c.entry.size if c.entry else None,
-                "mtime": iso(c.entry.mtime) if c.entry and c.entry.mtime is not None else None,
-                "age_seconds": None if age is None else round(age, 3),
+                "size": None if entry is None else entry.size,
+                "mtime": None if entry is None else iso(entry.mtime),
+                "age_seconds": None if entry is None else round(_age(entry, now), 3),
                 "pin": c.pin.value if c.cls is Class.REQUIRED else None,
             }
         )
@@ -70,7 +74,7 @@ def models_json(root: str, classified: Sequence[Classified], *, now: float) -> d
 def models_table(classified: Sequence[Classified], *, now: float) -> str:
     rows = []
     for c in classified:
-        age = _age(c, now)
+        entry = _details(c)
         status = c.pin.value if c.cls is Class.REQUIRED else ""
         rows.append(
             [
@@ -78,8 +82,8 @@ def models_table(classified: Sequence[Classified], *, now: float) -> str:
                 c.cls.value,
                 c.rule,
                 c.entry.kind.value if c.entry else "-",
-                human_bytes(c.entry.size) if c.entry and c.entry.size is not None else "-",
-                "-" if age is None else human_age(age),
+                "-" if entry is None else human_bytes(entry.size),
+                "-" if entry is None else human_age(_age(entry, now)),
                 status,
             ]
         )

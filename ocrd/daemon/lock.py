@@ -11,16 +11,27 @@ from pathlib import Path
 
 from ocrd.core.errors import LockedError
 from ocrd.core.names import LOCK
-from ocrd.openfile import give_to_owner_of, kind_of, owner_name
+from ocrd.openfile import give_to_owner_of, kind_of, mount_id, owner_name
 
 FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+
+
+def _dir_mount(path: Path) -> int | None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return mount_id(fd)
+    finally:
+        os.close(fd)
 
 
 class DirLock:
     """Exclusive, non-blocking; released when the process ends, even by SIGKILL.
 
     The lock file is opened without following a link and without blocking,
-    and must be a regular file on the model dir's filesystem; anything else
+    and must be a regular file on the model dir's mount; anything else
     at its name is refused with a message, never used.
     """
 
@@ -72,8 +83,11 @@ class DirLock:
             directory = os.stat(self.path.parent)
             if not stat.S_ISREG(st.st_mode):
                 raise self._refuse(f"is {kind_of(st.st_mode)}, not ocrd's lock file", "remove it")
-            if st.st_dev != directory.st_dev:
-                raise self._refuse("is on another filesystem (a mount?)", "unmount or remove it")
+            # A file mounted over the name (bind mount) is another mount than the dir's.
+            # (Not st_dev: on overlayfs a file and its directory report different ones.)
+            dir_mount = _dir_mount(self.path.parent)
+            if dir_mount is not None and mount_id(fd) not in (None, dir_mount):
+                raise self._refuse("is a mount point", "unmount it")
             give_to_owner_of(fd, directory)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -346,11 +346,14 @@ class Daemon:
     def _suspect(self, reason: str) -> None:
         self.state.view.suspect(reason, model_dir=str(self.loaded.policy.model_dir))
 
-    def _gate(self, snapshot: Snapshot) -> str | None:
+    def _gate(self, snapshot: Snapshot, identity: tuple[int, int]) -> str | None:
         """A reason not to act on this view of the model dir, or None (DESIGN §4)."""
         policy = self.loaded.policy
         return self.state.view.gate(
-            snapshot, models=count_models(policy, snapshot), model_dir=str(policy.model_dir)
+            snapshot,
+            models=count_models(policy, snapshot),
+            model_dir=str(policy.model_dir),
+            identity=identity,
         )
 
     def _hold(self) -> dict[str, str]:
@@ -370,14 +373,19 @@ class Daemon:
         policy = self.loaded.policy
         model_dir = policy.model_dir
         now = time.monotonic()
-        if not model_dir.is_dir():
+        identity = _identity(model_dir)
+        if identity is None or not model_dir.is_dir():
             what = "vanished" if self.state.view.seen else "does not exist (yet)"
             self._dir.failed(now=now)
+            self.state.view.vanished()
             self._suspect(f"model_dir {model_dir} {what}")
             return
-        if self._locked_dir != model_dir or _identity(model_dir) != self._lock_id:
-            # New path, or the directory was replaced under the same path: the lock
-            # file we hold is in the old one, so take the lock in this one.
+        if self.state.view.trusts(identity) and (
+            self._locked_dir != model_dir or identity != self._lock_id
+        ):
+            # A new path, or (after it vanished and came back, or a reload confirmed a
+            # replaced one) a new directory under the same path: take the lock in it.
+            # A directory swapped in unconfirmed gets no lock: the gate holds it back.
             try:
                 self._take_lock(model_dir)
             except LockedError as exc:
@@ -392,7 +400,7 @@ class Daemon:
                 engine=self.engine.engine,
                 log=self.log,
                 hold=self._hold(),
-                gate=self._gate,
+                gate=lambda snapshot: self._gate(snapshot, identity),
                 stop=lambda: self._stopping,
             )
         except ModelDirError as exc:

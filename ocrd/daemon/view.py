@@ -1,8 +1,10 @@
 """The suspicious-view guard: never act on a model dir that may not be the real one.
 
 A model dir that vanished, became unreadable or locked elsewhere, became
-empty after holding models, or moved to another filesystem (a mount went
-away) is a suspicious view (DESIGN §4): the cycle only reports until an
+empty after holding models, moved to another filesystem (a mount went
+away), or is no longer the directory it was (renamed away and replaced, a
+symlink to another directory, a mount over it: its device and inode
+changed) is a suspicious view (DESIGN §4): the cycle only reports until an
 operator confirms with a reload.
 """
 
@@ -28,6 +30,7 @@ class ViewGuard:
     def __init__(self, log: Any) -> None:
         self.log = log
         self._view: _View | None = None
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the confirmed dir
         self.suspicious: str | None = None
 
     @property
@@ -35,19 +38,41 @@ class ViewGuard:
         """Whether a view was ever trusted since the last confirmation."""
         return self._view is not None
 
-    def gate(self, snapshot: Snapshot, *, models: int, model_dir: str) -> str | None:
-        """A reason not to act on this view of the model dir, or None."""
+    def trusts(self, identity: tuple[int, int]) -> bool:
+        """Whether *identity* is the directory confirmed (or none is confirmed yet)."""
+        return self._identity is None or identity == self._identity
+
+    def vanished(self) -> None:
+        """The model dir is gone: whatever directory comes back under its path is new."""
+        self._identity = None
+
+    def gate(
+        self, snapshot: Snapshot, *, models: int, model_dir: str, identity: tuple[int, int]
+    ) -> str | None:
+        """A reason not to act on this view of the model dir, or None.
+
+        *identity* is the model dir's (device, inode) as the cycle found it; the
+        first one seen (after a start, a reload, or its return after it vanished)
+        is taken as confirmed.
+        """
         reason = None
-        if self._view is not None:
-            if snapshot.device != self._view.device:
-                reason = (
-                    f"model_dir is on another filesystem than before (device "
-                    f"{self._view.device} -> {snapshot.device}): a mount may have gone away"
-                )
-            elif models == 0 and self._view.models > 0:
-                reason = f"model_dir became empty (it held {self._view.models} models)"
+        was = self._identity
+        if self._view is not None and snapshot.device != self._view.device:
+            reason = (
+                f"model_dir is on another filesystem than before (device "
+                f"{self._view.device} -> {snapshot.device}): a mount may have gone away"
+            )
+        elif was is not None and identity != was:
+            reason = (
+                f"model_dir {model_dir} is not the directory it was (device:inode "
+                f"{was[0]}:{was[1]} -> {identity[0]}:{identity[1]}): renamed and replaced, "
+                "a symlink to another directory, or a mount over it"
+            )
+        elif self._view is not None and models == 0 and self._view.models > 0:
+            reason = f"model_dir became empty (it held {self._view.models} models)"
         if reason is None:
             self._view = _View(snapshot.device, models)
+            self._identity = identity
         return self.suspect(reason, model_dir=model_dir)
 
     def suspect(self, reason: str | None, *, model_dir: str) -> str | None:
@@ -74,4 +99,5 @@ class ViewGuard:
     def confirm(self) -> None:
         """An operator's reload: accept whatever view comes next."""
         self._view = None
+        self._identity = None
         self.suspicious = None

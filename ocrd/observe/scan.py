@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ocrd.core.errors import ModelDirError
-from ocrd.core.model import Entry, Kind, Snapshot
+from ocrd.core.model import Entry, Kind, ListedEntry, Snapshot
 from ocrd.core.plan import may_act_on
 from ocrd.core.policy import Policy
 from ocrd.observe.hashing import HashCache, Progress, sha256_file
@@ -37,10 +37,12 @@ def kind_of(mode: int) -> Kind:
     return Kind.OTHER
 
 
-def tree_stats(path: str) -> tuple[int, float]:
-    """(total bytes, newest mtime) of a directory and everything below it."""
-    top = os.lstat(path)
-    total, newest = 0, top.st_mtime
+def _below(path: str) -> Iterator[tuple[str, os.stat_result]]:
+    """(path, lstat) of everything below the directory *path*, symlinks not followed.
+
+    What vanishes during the walk is passed over; a *path* that is no
+    directory has nothing below it.
+    """
     stack = [path]
     while stack:
         current = stack.pop()
@@ -51,13 +53,21 @@ def tree_stats(path: str) -> tuple[int, float]:
                         st = child.stat(follow_symlinks=False)
                     except FileNotFoundError:
                         continue
-                    newest = max(newest, st.st_mtime)
+                    yield child.path, st
                     if stat.S_ISDIR(st.st_mode):
                         stack.append(child.path)
-                    else:
-                        total += st.st_size
         except (FileNotFoundError, NotADirectoryError):
             continue
+
+
+def tree_stats(path: str) -> tuple[int, float]:
+    """(total bytes, newest mtime) of a directory and everything below it."""
+    newest = os.lstat(path).st_mtime
+    total = 0
+    for _, st in _below(path):
+        newest = max(newest, st.st_mtime)
+        if not stat.S_ISDIR(st.st_mode):
+            total += st.st_size
     return total, newest
 
 
@@ -65,30 +75,11 @@ def tree_members(path: str) -> tuple[set[tuple[int, int]], set[str]]:
     """Every (device, inode) and path at or below *path*, symlinks not followed."""
     top = os.lstat(path)
     keys, paths = {(top.st_dev, top.st_ino)}, {path}
-    if not stat.S_ISDIR(top.st_mode):
-        return keys, paths
-    stack = [path]
-    while stack:
-        current = stack.pop()
-        try:
-            with os.scandir(current) as it:
-                for child in it:
-                    try:
-                        st = child.stat(follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    keys.add((st.st_dev, st.st_ino))
-                    paths.add(child.path)
-                    if stat.S_ISDIR(st.st_mode):
-                        stack.append(child.path)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
+    if stat.S_ISDIR(top.st_mode):
+        for below, st in _below(path):
+            keys.add((st.st_dev, st.st_ino))
+            paths.add(below)
     return keys, paths
-
-
-def tree_inodes(path: str) -> set[tuple[int, int]]:
-    """Every (device, inode) at or below *path*, symlinks not followed."""
-    return tree_members(path)[0]
 
 
 def _entry(
@@ -115,7 +106,16 @@ def _entry(
                 after = os.lstat(path)
                 if cache is not None and HashCache.key(after) == HashCache.key(st):
                     cache.put(st, sha)
-    return Entry(name, kind, size, mtime, st.st_ino, st.st_dev, st.st_mtime_ns, sha)
+    return Entry(
+        name=name,
+        kind=kind,
+        size=size,
+        mtime=mtime,
+        inode=st.st_ino,
+        device=st.st_dev,
+        mtime_ns=st.st_mtime_ns,
+        sha256=sha,
+    )
 
 
 def stat_entry(root: str, name: str) -> Entry:
@@ -139,12 +139,12 @@ def _open_dir(root: str) -> int:
 
 def _kind_listed(child: os.DirEntry[str]) -> Kind:
     """An entry's kind from the directory listing (no lstat where the file system says)."""
-    if child.is_symlink():
-        return Kind.SYMLINK
-    if child.is_dir(follow_symlinks=False):
-        return Kind.DIR
     if child.is_file(follow_symlinks=False):
         return Kind.FILE
+    if child.is_dir(follow_symlinks=False):
+        return Kind.DIR
+    if child.is_symlink():
+        return Kind.SYMLINK
     return Kind.OTHER
 
 
@@ -161,16 +161,15 @@ def scan(
     The directory is listed through one descriptor and each entry is looked
     at with fstatat(2) relative to it: no path walk, and plain files (nearly
     all of them) take a short path. With *examine*, only the names it accepts
-    are looked at (a directory model is walked below); the others keep the
-    kind and inode the listing gives and no size or times: a cycle over
-    100,000 entries need not lstat the 50,000 no rule acts on.
+    are looked at (a directory model is walked below); the others are a
+    ListedEntry, with the kind and inode the listing gives and no size or
+    times: a cycle over 100,000 entries need not lstat the 50,000 no rule
+    acts on.
     """
     root = str(root)
     pins = pins or {}
     fd = _open_dir(root)
-    entries: list[Entry] = []
-    append = entries.append
-    file_kind, is_reg, new = Kind.FILE, stat.S_ISREG, tuple.__new__
+    entries: list[Entry | ListedEntry] = []
     try:
         device = os.fstat(fd).st_dev
         with os.scandir(fd) as it:
@@ -178,31 +177,25 @@ def scan(
                 name = child.name
                 try:
                     if examine is not None and not examine(name):
-                        is_file = child.is_file(follow_symlinks=False)
-                        kind = file_kind if is_file else _kind_listed(child)
-                        append(
-                            new(Entry, (name, kind, None, None, child.inode(), device, None, None))
+                        listed = ListedEntry(
+                            name=name, kind=_kind_listed(child), inode=child.inode(), device=device
                         )
+                        entries.append(listed)
                         continue
                     st = child.stat(follow_symlinks=False)
-                    if is_reg(st.st_mode) and name not in pins:
-                        append(
-                            new(
-                                Entry,
-                                (
-                                    name,
-                                    file_kind,
-                                    st.st_size,
-                                    st.st_mtime,
-                                    st.st_ino,
-                                    st.st_dev,
-                                    st.st_mtime_ns,
-                                    None,
-                                ),
-                            )
+                    if stat.S_ISREG(st.st_mode) and name not in pins:
+                        entry = Entry(
+                            name=name,
+                            kind=Kind.FILE,
+                            size=st.st_size,
+                            mtime=st.st_mtime,
+                            inode=st.st_ino,
+                            device=st.st_dev,
+                            mtime_ns=st.st_mtime_ns,
                         )
                     else:
-                        append(_entry(f"{root}/{name}", name, st, pins, cache, progress))
+                        entry = _entry(f"{root}/{name}", name, st, pins, cache, progress)
+                    entries.append(entry)
                 except FileNotFoundError:
                     continue  # removed while we looked
     except PermissionError:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import re
-import select
 import stat
 import subprocess
 import sys
@@ -21,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import OCRD, make_model, write_policy
 
 import ocrd
+from tests.support.cli import OCRD
+from tests.support.files import make_model, sha256
+from tests.support.logs import events, json_lines
+from tests.support.policy import write_policy
+from tests.support.procs import HOLD_FD, holder
+from tests.support.trash import trash_item
 
 HOUR = 3600.0
 DAY = 86400.0
@@ -33,14 +37,6 @@ ERROR_LINE = re.compile(r"^ocrd: error: (?P<file>.+?):(?P<line>\d+): (?P<key>[\w
 
 
 # -- helpers ------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """The model dir of one test."""
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
 
 
 def policy(root: Path, **overrides: Any) -> Path:
@@ -80,29 +76,9 @@ def names(root: Path) -> set[str]:
     return {p.name for p in root.iterdir()}
 
 
-def json_lines(out: str) -> list[dict[str, Any]]:
-    """Every stdout line as a JSON object; fails on any line that is not one."""
-    lines = out.splitlines()
-    assert lines, "expected JSON log lines on stdout, got nothing"
-    records = []
-    for line in lines:
-        record = json.loads(line)
-        assert isinstance(record, dict), line
-        records.append(record)
-    return records
-
-
-def events(out: str, event: str) -> list[dict[str, Any]]:
-    return [r for r in json_lines(out) if r["event"] == event]
-
-
 def finished(out: str) -> dict[str, Any]:
     (record,) = events(out, "cycle.finished")
     return record
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def assert_one_error_line(err: str, path: Path) -> str:
@@ -430,25 +406,6 @@ def test_list_shows_corrupt_pin_and_exits_1(run_ocrd, root):
 # -- plan ---------------------------------------------------------------------------------
 
 
-def fake_trash_item(root: Path, item_id: str, name: str, data: bytes, *, age: float) -> Path:
-    """A legacy (v1) quarantine item, as an older ocrd wrote it: .ocrd-trash/ID/{NAME, record.json}.
-
-    ocrd still reads these; its trash id is `ID/NAME`.
-    """
-    item = root / ".ocrd-trash" / item_id
-    item.mkdir(parents=True)
-    (item / name).write_bytes(data)
-    record = {
-        "name": name,
-        "trashed_at": time.time() - age,
-        "reason": "test",
-        "size": len(data),
-        "sha256": None,
-    }
-    (item / "record.json").write_text(json.dumps(record), encoding="utf-8")
-    return item
-
-
 def _pending(root: Path) -> Path:
     """A model dir with a restore, a prune, a purge and some reports pending."""
     mirror = root.parent / "mirror"
@@ -458,7 +415,8 @@ def _pending(root: Path) -> Path:
     make_model(root, "old_a.bin", b"stale", age=OLD)
     make_model(root, "old_young.bin", b"fresh")
     make_model(root, "notes.txt", b"nothing", age=OLD)
-    fake_trash_item(root, "20200101T000000Z-abcd0123", "old_gone.bin", b"expired", age=30 * DAY)
+    expired = time.time() - 30 * DAY
+    trash_item(root, "20200101T000000Z-abcd0123", "old_gone.bin", b"expired", trashed_at=expired)
     return policy(
         root,
         required=[
@@ -775,7 +733,8 @@ def test_apply_with_suspend_changes_nothing(run_ocrd, root):
     """With `suspend: true`, `apply` changes no model and says the cycle was suspended."""
     make_model(root, "old_a.bin", age=OLD)
     make_model(root, "en.bin", age=OLD)
-    fake_trash_item(root, "20200101T000000Z-abcd0123", "old_gone.bin", b"expired", age=30 * DAY)
+    expired = time.time() - 30 * DAY
+    trash_item(root, "20200101T000000Z-abcd0123", "old_gone.bin", b"expired", trashed_at=expired)
     path = policy(root, suspend=True)
     before = tree(root)
     r = run_ocrd("--config", path, "apply")
@@ -876,19 +835,6 @@ def test_apply_cleans_crash_leftovers(run_ocrd, root):
     assert removed == {".ocrd-tmp-0123456789abcdef", ".ocrd-deleting-fedcba9876543210"}
 
 
-HOLD_OPEN = (
-    "import sys\nf = open(sys.argv[1], 'rb')\nprint('ready', flush=True)\nsys.stdin.read()\n"
-)
-
-
-def wait_ready(child: subprocess.Popen[str], *, timeout: float = 10.0) -> None:
-    """Block until *child* prints its "ready" line, or fail after *timeout*."""
-    assert child.stdout is not None
-    readable, _, _ = select.select([child.stdout], [], [], timeout)
-    assert readable, f"child {child.pid} did not print 'ready' within {timeout}s"
-    assert child.stdout.readline().strip() == "ready"
-
-
 def test_apply_leaves_a_model_another_process_holds_open(run_ocrd, root):
     """A model held open by another process is reported busy with its pid and not pruned until
     it is closed."""
@@ -896,22 +842,11 @@ def test_apply_leaves_a_model_another_process_holds_open(run_ocrd, root):
     make_model(root, "old_free.bin", b"free", age=OLD)
     make_model(root, "en.bin", age=OLD)
     path = policy(root)
-    with subprocess.Popen(
-        [sys.executable, "-c", HOLD_OPEN, str(busy)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    ) as child:
-        try:
-            wait_ready(child)
-            first = run_ocrd("--config", path, "apply")
-            assert child.stdin is not None
-            child.stdin.close()
-            assert child.wait(timeout=10) == 0
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+    with holder(root.parent, "ocrd-hold-fd", HOLD_FD, busy) as child:
+        first = run_ocrd("--config", path, "apply")
+        assert child.stdin is not None
+        child.stdin.close()
+        assert child.wait(timeout=10) == 0
     assert first.code == 1, first
     (report,) = events(first.out, "model.busy")
     assert report["model"] == "old_busy.bin"

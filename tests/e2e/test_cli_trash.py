@@ -14,19 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_model, write_policy
+
+from tests.support.files import make_model
+from tests.support.logs import events
+from tests.support.policy import write_policy
+from tests.support.trash import trash_item
 
 HOUR = 3600.0
 DAY = 86400.0
 OLD = 2 * HOUR  # well past the min_age of 10m the policy sets
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    """The model dir of one test."""
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture
@@ -42,17 +38,6 @@ def config(root: Path) -> Path:
             "engine": {"backend": "none"},
         },
     )
-
-
-def json_lines(out: str) -> list[dict[str, Any]]:
-    """Every stdout line as a JSON object; fails on any line that is not one."""
-    lines = out.splitlines()
-    assert lines, "expected JSON log lines on stdout, got nothing"
-    return [json.loads(line) for line in lines]
-
-
-def events(out: str, event: str) -> list[dict[str, Any]]:
-    return [r for r in json_lines(out) if r["event"] == event]
 
 
 RECORD = ".ocrd-record.json"  # a batch's record (v2); `record.json` was one item's (v1)
@@ -251,12 +236,8 @@ def test_trash_restore_one_of_a_batch_leaves_the_other(run_ocrd, root, config):
 
 def test_trash_list_and_restore_read_a_legacy_item(run_ocrd, root, config):
     """A v1 item (its own dir with record.json) is listed as `<dir>/<name>` and restored."""
-    item = root / ".ocrd-trash" / "20200101T000000Z-abcd0123"
-    item.mkdir(parents=True)
-    (item / "old_v1.bin").write_bytes(b"legacy")
-    record = {"name": "old_v1.bin", "trashed_at": time.time() - HOUR, "reason": "test",
-              "size": 6, "sha256": None}  # fmt: skip
-    (item / "record.json").write_text(json.dumps(record), encoding="utf-8")
+    trash_item(root, "20200101T000000Z-abcd0123", "old_v1.bin", b"legacy",
+               trashed_at=time.time() - HOUR)  # fmt: skip
     make_model(root, "en.bin", b"required", age=OLD)
     r = run_ocrd("--config", config, "trash", "list", "--json")
     assert r.code == 0, r

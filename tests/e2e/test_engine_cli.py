@@ -9,48 +9,24 @@ process still holds them (ASPOSE.md: the disk space only comes back when it lets
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import OCRD, make_model, wait_for, write_policy
-from engine_support import aspose_available
 
-SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
+from tests.support.cli import ocrd
+from tests.support.daemon import Daemons
+from tests.support.files import make_model
+from tests.support.policy import write_policy
+from tests.support.procs import HOLD_FD, HOLD_MMAP, fd_targets, holder, host_environ, mapped_paths
+from tests.support.wait import wait_for
+
 HOST_MODULE = b"ocrd.engine.child"
-START_TIMEOUT = 30.0
-
-# A process that keeps a model open through a descriptor until its stdin closes.
-FD_HOLDER = """
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDONLY)
-sys.stdin.read()
-"""
-
-# A process that maps a model the way llama.cpp does and closes the descriptor at once.
-MMAP_HOLDER = """
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
-]
-fd = os.open(sys.argv[1], os.O_RDONLY)
-size = os.fstat(fd).st_size
-PROT_READ, MAP_SHARED = 1, 1
-addr = libc.mmap(None, size, PROT_READ, MAP_SHARED, fd, 0)
-if addr is None or addr == ctypes.c_void_p(-1).value:
-    sys.exit(f"mmap failed: errno {ctypes.get_errno()}")
-os.close(fd)
-sys.stdin.read()
-"""
+START_TIMEOUT = 30.0  # for each line a daemon with a real engine host logs
+STOP_TIMEOUT = 20.0
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -77,12 +53,6 @@ def no_icu(env: dict[str, str]) -> dict[str, str]:
     return clean
 
 
-def host_environ(pid: int) -> dict[str, str]:
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    pairs = (item.decode().partition("=") for item in raw.split(b"\0") if item)
-    return {key: value for key, _, value in pairs}
-
-
 def hosts_in(state: Path) -> list[int]:
     """Pids of engine hosts whose working directory is below *state* (started by this test)."""
     prefix = os.path.join(os.path.realpath(state), "")
@@ -107,134 +77,13 @@ def kill_hosts(state: Path) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def fd_targets(pid: int) -> list[str]:
-    targets = []
-    for link in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            targets.append(os.readlink(link))
-    return targets
-
-
-def mapped_paths(pid: int) -> list[str]:
-    lines = Path(f"/proc/{pid}/maps").read_text(errors="replace").splitlines()
-    return [f[5].strip() for f in (line.split(None, 5) for line in lines) if len(f) == 6]
-
-
-class Daemon:
-    """One `ocrd run` subprocess and every JSON line it logged, read by a thread."""
-
-    def __init__(self, policy: Path, env: dict[str, str]) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.stderr: list[str] = []
-        self.proc = subprocess.Popen(
-            [OCRD, "--config", str(policy), "run"],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, is_stdout: bool) -> None:
-        for line in stream:
-            if is_stdout and line.startswith("{"):
-                self.events.append(json.loads(line))
-            else:
-                self.stderr.append(line)
-
-    def __repr__(self) -> str:
-        names = [e["event"] for e in self.events]
-        return f"Daemon(rc={self.proc.poll()}, events={names}, stderr={''.join(self.stderr)!r})"
-
-    def index(self, event: str, *, after: int = -1, **fields: Any) -> int | None:
-        for i, e in enumerate(list(self.events)):
-            if i > after and e["event"] == event and all(e.get(k) == v for k, v in fields.items()):
-                return i
-        return None
-
-    def wait(
-        self, event: str, *, after: int = -1, timeout: float = START_TIMEOUT, **fields: Any
-    ) -> int:
-        """Position of the first *event* with these fields after *after*; fail on a deadline."""
-
-        def found() -> int | None:
-            i = self.index(event, after=after, **fields)
-            if i is None and self.proc.poll() is not None:
-                for reader in self._readers:
-                    reader.join(timeout=5)
-                i = self.index(event, after=after, **fields)
-                if i is None:
-                    raise AssertionError(f"ocrd ended before logging {event} {fields}: {self!r}")
-            return i
-
-        try:
-            wait_for(lambda: found() is not None, timeout=timeout, what=f"{event} {fields}")
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self!r}") from None
-        i = self.index(event, after=after, **fields)
-        assert i is not None
-        return i
-
-    def stop(self) -> int:
-        """SIGTERM; the exit code (the daemon must end within 20 s)."""
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=20)
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return code
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        for reader in self._readers:
-            reader.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-@pytest.fixture(scope="session")
-def aspose() -> None:
-    """Skip, with the import error, where `aspose.ocr` cannot be imported."""
-    reason = aspose_available()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 @pytest.fixture
-def denv(env: dict[str, str]) -> dict[str, str]:
-    """The `env` fixture without service-manager variables: status goes to the state dir."""
-    return {k: v for k, v in env.items() if k not in SERVICE_VARS}
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def daemon(tmp_path: Path) -> Iterator[Callable[[Path, dict[str, str]], Daemon]]:
-    """Start `ocrd run` daemons; whatever is left of them and their hosts is killed after."""
-    started: list[Daemon] = []
-
-    def start(policy: Path, env: dict[str, str]) -> Daemon:
-        started.append(Daemon(policy, env))
-        return started[-1]
-
+def engine_daemons(daemons: Daemons, tmp_path: Path) -> Iterator[Daemons]:
+    """`daemons`; after them, every engine host left under tmp_path/state is killed too."""
     try:
-        yield start
+        yield daemons
+        daemons.close()  # the daemons first, so that none starts another host
     finally:
-        for d in started:
-            d.kill()
         kill_hosts(tmp_path / "state")
 
 
@@ -242,20 +91,13 @@ def daemon(tmp_path: Path) -> Iterator[Callable[[Path, dict[str, str]], Daemon]]
 
 
 def test_check_starts_the_engine_on_a_machine_without_icu(
-    aspose: None, denv: dict[str, str], models: Path, tmp_path: Path
+    aspose: None, plain_denv: dict[str, str], models: Path, tmp_path: Path
 ) -> None:
     """`ocrd check` without ICU exits 0 and prints the engine ok line (the host fell back)."""
     policy = engine_policy(tmp_path, models)
     state = tmp_path / "state"
     try:
-        proc = subprocess.run(
-            [OCRD, "--config", str(policy), "check"],
-            capture_output=True,
-            text=True,
-            env=no_icu(denv),
-            timeout=90,
-            check=False,
-        )
+        proc = ocrd("--config", policy, "check", env=no_icu(plain_denv), timeout=90)
         assert proc.returncode == 0, proc
         where = state / "engine" / "home" / "Aspose.AI.LLM" / "models"
         expected = (
@@ -272,26 +114,27 @@ def test_check_starts_the_engine_on_a_machine_without_icu(
 
 def test_run_on_a_machine_without_icu_falls_back_and_keeps_running(
     aspose: None,
-    daemon: Callable[[Path, dict[str, str]], Daemon],
-    denv: dict[str, str],
+    engine_daemons: Daemons,
+    plain_denv: dict[str, str],
     models: Path,
     tmp_path: Path,
 ) -> None:
     """`ocrd run` without ICU logs engine.icu_fallback, then engine.started, and keeps running."""
     make_model(models, "keep.bin")
-    d = daemon(engine_policy(tmp_path, models), no_icu(denv))
-    fallback = d.wait("engine.icu_fallback")
-    assert d.events[fallback]["level"] == "warning"
-    started = d.wait("engine.started", after=fallback)
-    d.wait("daemon.started", after=started)
-    d.wait("cycle.finished", after=started)
-    host = int(d.events[started]["pid"])
+    policy = engine_policy(tmp_path, models)
+    d = engine_daemons.start(policy, env=no_icu(plain_denv), started=False, first_cycle=False)
+    fallback = d.wait("engine.icu_fallback", timeout=START_TIMEOUT)
+    assert fallback["level"] == "warning"
+    started = d.wait("engine.started", after=d.after(fallback), timeout=START_TIMEOUT)
+    d.wait("daemon.started", after=d.after(started), timeout=START_TIMEOUT)
+    d.wait("cycle.finished", after=d.after(started), timeout=START_TIMEOUT)
+    host = int(started["pid"])
     assert d.proc.poll() is None, d
     assert hosts_in(tmp_path / "state") == [host]
     assert host_environ(host).get("DOTNET_SYSTEM_GLOBALIZATION_INVARIANT") == "1"
 
-    assert d.stop() == 0, d
-    assert d.index("engine.released", pid=host) is not None, d
+    assert d.stop(timeout=STOP_TIMEOUT)[0] == 0, d
+    assert d.seen("engine.released", pid=host), d
     assert hosts_in(tmp_path / "state") == []
 
 
@@ -300,40 +143,43 @@ def test_run_on_a_machine_without_icu_falls_back_and_keeps_running(
 
 def test_daemon_reports_a_killed_host_at_the_next_cycle_and_starts_a_new_one(
     aspose: None,
-    daemon: Callable[[Path, dict[str, str]], Daemon],
-    denv: dict[str, str],
+    engine_daemons: Daemons,
+    plain_denv: dict[str, str],
     models: Path,
     tmp_path: Path,
 ) -> None:
     """A SIGKILLed host is an engine.crashed event at the next release; the daemon carries on."""
     make_model(models, "keep.bin")
-    d = daemon(engine_policy(tmp_path, models), denv)
-    started = d.wait("engine.started")
-    d.wait("cycle.finished", after=started)
-    first = int(d.events[started]["pid"])
+    policy = engine_policy(tmp_path, models)
+    d = engine_daemons.start(policy, env=plain_denv, started=False, first_cycle=False)
+    started = d.wait("engine.started", timeout=START_TIMEOUT)
+    d.wait("cycle.finished", after=d.after(started), timeout=START_TIMEOUT)
+    first = int(started["pid"])
     assert hosts_in(tmp_path / "state") == [first]
 
     os.kill(first, signal.SIGKILL)
-    mark = len(d.events) - 1  # the position of the last event seen so far
+    mark = d.mark()  # past the last event seen so far
     make_model(models, "old_model.bin")  # a prune: the cycle releases the engine first
 
-    crashed = d.wait("engine.crashed", after=mark, pid=first)
-    assert d.events[crashed]["exit"] == "killed by SIGKILL", d
-    pruned = d.wait("model.pruned", after=crashed, model="old_model.bin")
-    restarted = d.wait("engine.started", after=pruned)
-    second = int(d.events[restarted]["pid"])
+    crashed = d.wait("engine.crashed", after=mark, pid=first, timeout=START_TIMEOUT)
+    assert crashed["exit"] == "killed by SIGKILL", d
+    pruned = d.wait(
+        "model.pruned", after=d.after(crashed), model="old_model.bin", timeout=START_TIMEOUT
+    )
+    restarted = d.wait("engine.started", after=d.after(pruned), timeout=START_TIMEOUT)
+    second = int(restarted["pid"])
     assert second != first
-    d.wait("engine.cycled", after=restarted, pid=second)
-    d.wait("cycle.finished", after=restarted)
+    d.wait("engine.cycled", after=d.after(restarted), pid=second, timeout=START_TIMEOUT)
+    d.wait("cycle.finished", after=d.after(restarted), timeout=START_TIMEOUT)
     assert not (models / "old_model.bin").exists()
     assert (models / "keep.bin").is_file()
     assert d.proc.poll() is None, d
     assert hosts_in(tmp_path / "state") == [second]
-    assert d.index("engine.unavailable") is None, d
-    assert d.index("cycle.failed") is None, d
+    assert not d.seen("engine.unavailable"), d
+    assert not d.seen("cycle.failed"), d
 
-    assert d.stop() == 0, d
-    assert d.index("engine.released", pid=second) is not None, d
+    assert d.stop(timeout=STOP_TIMEOUT)[0] == 0, d
+    assert d.seen("engine.released", pid=second), d
     assert hosts_in(tmp_path / "state") == []
 
 
@@ -354,17 +200,10 @@ def test_list_shows_models_deleted_while_a_process_holds_them(
             "engine": {"backend": "none"},
         },
     )
-    children: list[subprocess.Popen[bytes]] = []
-    try:
-        for script, path in ((FD_HOLDER, opened), (MMAP_HOLDER, mapped)):
-            children.append(
-                subprocess.Popen(
-                    [sys.executable, "-c", script, str(path)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL,
-                )
-            )
-        fd_child, mmap_child = children
+    with (
+        holder(tmp_path, "ocrd-hold-fd", HOLD_FD, opened) as fd_child,
+        holder(tmp_path, "ocrd-hold-map", HOLD_MMAP, mapped) as mmap_child,
+    ):
         wait_for(lambda: str(opened) in fd_targets(fd_child.pid), what="the model open")
         wait_for(lambda: str(mapped) in mapped_paths(mmap_child.pid), what="the model mapped")
         assert str(mapped) not in fd_targets(mmap_child.pid)  # the descriptor was closed
@@ -401,10 +240,3 @@ def test_list_shows_models_deleted_while_a_process_holds_them(
         section = table.out.split("Deleted but still held", 1)[1]
         for child, path in ((fd_child, opened), (mmap_child, mapped)):
             assert str(path) in section and str(child.pid) in section, table
-    finally:
-        for child in children:
-            if child.poll() is None:
-                child.kill()
-            child.wait(timeout=10)
-            if child.stdin is not None:
-                child.stdin.close()

@@ -1,7 +1,7 @@
 """systemd/ocrd.service for real: offline checks, then ocrd under a real systemd 252.
 
 DESIGN §6 (daemon: Type=notify, reload, watchdog, JSON logs) and SYSTEMD.md (the recipe
-for booting systemd as PID 1 of private namespaces; see systemd_harness.py).
+for booting systemd as PID 1 of private namespaces; see tests/support/systemd.py).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import OCRD, wait_for
-from systemd_harness import Machine, build_venv, can_boot, find_base_python
+
+from tests.support.cli import OCRD
+from tests.support.systemd import Machine, build_venv, can_boot, find_base_python
+from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "ocrd.service"

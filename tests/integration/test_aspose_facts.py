@@ -2,14 +2,12 @@
 
 Every use of the library runs in a child process with a private working directory: it can
 abort its process (ICU), writes into its cwd, and keeps a loaded model mapped until exit.
-A tiny GGUF made by `engine_support.make_tiny_gguf` stands in for the default model, and
+A tiny GGUF made by `tests.support.engine.make_tiny_gguf` stands in for the default model, and
 llama.cpp's libraries come from the npm package `@node-llama-cpp/linux-x64@3.13.0`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import subprocess
@@ -18,12 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import engine_support
 import pytest
-from engine_support import (
+
+from tests.support.engine import (
     DEFAULT_MODEL_DIR,
     DEFAULT_MODEL_FILE,
-    fetch_llama_runtime,
     host_env_and_cwd,
     make_tiny_gguf,
 )
@@ -163,38 +160,6 @@ def plain_env(data_home: Path) -> dict[str, str]:
     env["DOTNET_SYSTEM_GLOBALIZATION_INVARIANT"] = "1"
     env["XDG_DATA_HOME"] = str(data_home)
     return env
-
-
-def persistent_cache(factory: pytest.TempPathFactory) -> Path:
-    """``$XDG_CACHE_HOME/ocrd-tests`` (``~/.cache/ocrd-tests``), else a session temp dir."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ocrd-tests"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return factory.mktemp("ocrd-tests-cache")
-    if not os.access(base, os.W_OK | os.X_OK):
-        return factory.mktemp("ocrd-tests-cache")
-    return base
-
-
-@pytest.fixture(scope="session")
-def aspose() -> None:
-    """Skip, with the import error, where `aspose.ocr` cannot be imported."""
-    reason = engine_support.aspose_available()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def llama_runtime(aspose: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The flat llama.cpp runtime dir, fetched once with npm into a persistent cache."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        runtime = fetch_llama_runtime(persistent_cache(tmp_path_factory))
-    print(printed.getvalue(), end="")
-    if runtime is None:
-        pytest.skip(printed.getvalue().strip() or "llama.cpp runtime could not be fetched")
-    return runtime
 
 
 @pytest.fixture(scope="session")

@@ -1,267 +1,38 @@
 """The daemon (`ocrd run`) as a real subprocess: when it cycles, signals, the model dir
 coming and going, the one-instance lock, and the status file (DESIGN §4, §6).
 
-Hot reload is in test_daemon_reload.py and sd_notify in test_notify.py; both reuse the
-helpers defined here.
+Hot reload is in test_daemon_reload.py and sd_notify in test_notify.py; the daemon harness
+they all use is tests/support/daemon.py, started by the `daemons` fixture.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import itertools
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Any
 
 import pytest
-from conftest import OCRD, make_model, wait_for
-from daemonkit import DEBOUNCE, epoch, policy_data, read_status, save_policy
 
 from ocrd.core.names import TRASH
 from ocrd.observe.trash import read_batch, read_trash
+from tests.support.cli import OCRD, ocrd_status
+from tests.support.daemon import CAP, Daemons
+from tests.support.files import digest, make_model
+from tests.support.logs import epoch
+from tests.support.mounts import CAN_MOUNT, mount_tmpfs, unmount
+from tests.support.policy import DEBOUNCE, policy_data, read_status, save_policy, status_when
+from tests.support.procs import HOLD_FD, holder
+from tests.support.wait import wait_for
 
-CAP = 5 * DEBOUNCE  # the daemon's hard cap on settling under constant writes
-# Longer than any debounce the daemon may still be in, and than the 0.5 s watchdog waits
-# to pair a move out of the model dir (a prune) with its other half before reporting it.
-QUIET = CAP + 0.4
 HOUR = 3600.0
-# Variables a service manager sets; none may leak in from the shell running the tests.
-SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
-
-MOUNT, UMOUNT, STRACE = shutil.which("mount"), shutil.which("umount"), shutil.which("strace")
-root_only = pytest.mark.skipif(
-    os.geteuid() != 0 or MOUNT is None or UMOUNT is None, reason="mounts a tmpfs; needs root"
-)
-
-
-# -- helpers shared with test_daemon_reload.py and test_notify.py -------------------------
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def daemon_env(env: dict[str, str], tmp_path: Path, *, runtime: bool = True) -> dict[str, str]:
-    """The `env` fixture without service-manager variables; status goes to tmp_path/run."""
-    clean = {k: v for k, v in env.items() if k not in SERVICE_VARS}
-    if runtime:
-        clean["RUNTIME_DIRECTORY"] = str(tmp_path / "run")
-    return clean
-
-
-def ocrd_status(env: dict[str, str], policy: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """`ocrd --config POLICY status ARGS` with exactly *env*."""
-    return subprocess.run(
-        [OCRD, "--config", str(policy), "status", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
-class Daemon:
-    """One `ocrd run` subprocess and every JSON line it logged, read by a thread."""
-
-    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.argv = list(argv)
-        self.events: list[dict[str, Any]] = []
-        self.noise: list[str] = []
-        self.stderr: list[str] = []
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self._readers = [
-            threading.Thread(target=self._read_stdout, daemon=True),
-            threading.Thread(target=self._read_stderr, daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read_stdout(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            try:
-                self.events.append(json.loads(line))
-            except ValueError:
-                self.noise.append(line)
-
-    def _read_stderr(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.stderr.append(line)
-
-    def __repr__(self) -> str:
-        return (
-            f"Daemon(rc={self.proc.poll()}, events={self.names()}, "
-            f"stderr={''.join(self.stderr)!r}, noise={self.noise[:5]!r})"
-        )
-
-    @property
-    def pid(self) -> int:
-        """The pid of ocrd itself (not of a wrapper such as strace), from `daemon.started`."""
-        return int(self.wait("daemon.started")["pid"])
-
-    def mark(self) -> int:
-        """A position in the log; pass it as *after* to look only at what came later."""
-        return len(self.events)
-
-    def names(self, after: int = 0) -> list[str]:
-        return [e["event"] for e in self.events[after:]]
-
-    def seen(self, event: str, *, after: int = 0, **fields: Any) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events[after:]
-            if e["event"] == event and all(e.get(k) == v for k, v in fields.items())
-        ]
-
-    def cycles(self, after: int = 0) -> list[dict[str, Any]]:
-        return self.seen("cycle.finished", after=after)
-
-    def _gone(self) -> bool:
-        """True once the process has ended and its output is fully read."""
-        if self.proc.poll() is None:
-            return False
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return True
-
-    def wait(
-        self, event: str, *, after: int = 0, timeout: float = 10.0, **fields: Any
-    ) -> dict[str, Any]:
-        """The first *event* (with these field values) logged after *after*; fail on a deadline."""
-
-        def found() -> list[dict[str, Any]]:
-            hits = self.seen(event, after=after, **fields)
-            if not hits and self._gone():
-                hits = self.seen(event, after=after, **fields)
-                if not hits:
-                    raise AssertionError(f"ocrd ended before logging {event} {fields}")
-            return hits
-
-        try:
-            return wait_for(found, timeout=timeout, what=f"{event} {fields}")[0]
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self!r}") from None
-
-    def wait_cycles(self, count: int, *, after: int = 0, timeout: float = 10.0) -> None:
-        try:
-            wait_for(
-                lambda: len(self.cycles(after)) >= count,
-                timeout=timeout,
-                what=f"{count} cycle(s)",
-            )
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self!r}") from None
-
-    def quiet(self, seconds: float = QUIET, *, event: str = "cycle.finished") -> None:
-        """Assert that no new *event* is logged for *seconds* (a negative needs a window)."""
-        start = self.mark()
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            new = self.seen(event, after=start)
-            assert not new, f"unexpected {event} within {seconds}s: {new}"
-            assert self.proc.poll() is None, f"ocrd ended: {self!r}"
-            time.sleep(0.02)
-
-    def settle(self, *, quiet: float = QUIET, timeout: float = 15.0) -> int:
-        """Wait until no cycle has finished for *quiet* s; fail if cycles keep coming."""
-        deadline = time.monotonic() + timeout
-        count, changed = len(self.cycles()), time.monotonic()
-        while time.monotonic() - changed < quiet:
-            assert time.monotonic() < deadline, f"cycles never stopped within {timeout}s: {self!r}"
-            assert self.proc.poll() is None, f"ocrd ended: {self!r}"
-            time.sleep(0.02)
-            now = len(self.cycles())
-            if now != count:
-                count, changed = now, time.monotonic()
-        return count
-
-    def send(self, signum: int) -> None:
-        os.kill(self.pid, signum)
-
-    def stop(self, signum: int = signal.SIGTERM, *, timeout: float = 10.0) -> tuple[int, float]:
-        """Send *signum*; the exit code and how long the process took to end."""
-        pid = self.pid
-        started = time.monotonic()
-        os.kill(pid, signum)
-        code = self.proc.wait(timeout=timeout)
-        elapsed = time.monotonic() - started
-        self._gone()
-        return code, elapsed
-
-    def kill(self) -> None:
-        """End ocrd (and a wrapper around it) by pid, whatever state it is in."""
-        started = self.seen("daemon.started")
-        if started and started[0]["pid"] != self.proc.pid and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(started[0]["pid"]), signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        self._gone()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-class Daemons:
-    """Starts daemons for one test and kills whatever is left of them at the end."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.env = env
-        self.started: list[Daemon] = []
-
-    def start(
-        self,
-        policy: Path,
-        *args: str,
-        extra_env: dict[str, str] | None = None,
-        wrapper: Sequence[str] = (),
-        first_cycle: bool = True,
-    ) -> Daemon:
-        """`ocrd --config POLICY run ARGS`; by default returns once the first cycle finished."""
-        daemon = Daemon(
-            [*wrapper, OCRD, "--config", str(policy), "run", *args],
-            {**self.env, **(extra_env or {})},
-        )
-        self.started.append(daemon)
-        daemon.wait("daemon.started", timeout=20)
-        if first_cycle:
-            daemon.wait_cycles(1)
-        return daemon
-
-    def close(self) -> None:
-        for daemon in self.started:
-            daemon.kill()
-
-    def __enter__(self) -> Daemons:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+STRACE = shutil.which("strace")
+root_only = pytest.mark.skipif(not CAN_MOUNT, reason="mounts a tmpfs; needs root")
 
 
 def second_instance(env: dict[str, str], policy: Path) -> tuple[int | None, str]:
@@ -281,62 +52,6 @@ def second_instance(env: dict[str, str], policy: Path) -> tuple[int | None, str]
         _, err = proc.communicate()
         return None, err
     return proc.returncode, err
-
-
-def mount_tmpfs(path: Path, size: str) -> None:
-    assert MOUNT is not None
-    subprocess.run([MOUNT, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-
-
-def unmount(path: Path) -> None:
-    """Unmount lazily: a daemon killed a moment ago may still hold the lock file open."""
-    assert UMOUNT is not None
-    subprocess.run([UMOUNT, "--lazy", str(path)], check=True)
-
-
-# -- fixtures -----------------------------------------------------------------------------
-
-
-@pytest.fixture
-def denv(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """The environment of every daemon and `ocrd status` in a test."""
-    return daemon_env(env, tmp_path)
-
-
-@pytest.fixture
-def daemons(denv: dict[str, str]) -> Iterator[Daemons]:
-    with Daemons(denv) as group:
-        yield group
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def policy(tmp_path: Path) -> Path:
-    """Where the policy file goes: its own directory, as /etc/ocrd is."""
-    return tmp_path / "etc" / "policy.yaml"
-
-
-@pytest.fixture
-def status_file(tmp_path: Path) -> Path:
-    return tmp_path / "run" / "status.json"
-
-
-@pytest.fixture
-def tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A fresh tmpfs mounted at tmp_path/models (fsync is free there)."""
-    path = tmp_path / "models"
-    path.mkdir()
-    mount_tmpfs(path, "64m")
-    try:
-        yield path
-    finally:
-        unmount(path)
 
 
 # -- cycles: at start, after settled events, capped, resync ------------------------------
@@ -575,9 +290,7 @@ def test_vanished_model_dir_is_suspicious_and_resumes_when_it_returns(
     os.rename(models, away)
     event = daemon.wait("model_dir.suspicious")
     assert "vanished" in event["reason"]
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["suspicious"] and d, what="suspicious"
-    )
+    doc = status_when(status_file, lambda d: d["suspicious"], what="suspicious")
     assert doc["degraded"] is True
     make_model(away, "old_a")
     mark = daemon.mark()
@@ -612,24 +325,38 @@ def test_model_dir_on_another_filesystem_prunes_nothing_until_sighup(
         daemon.wait("model.pruned", after=mark, model="old_a")
         assert not (models / "old_a").exists()
     finally:
-        daemon.kill()
+        daemon.close()
         unmount(models)
 
 
-def test_replaced_model_dir_is_followed(
-    daemons: Daemons, models: Path, tmp_path: Path, policy: Path
-) -> None:
-    """A model dir replaced by a new directory is managed and watched in its new form."""
-    make_model(models, "keep.bin")
-    save_policy(policy, policy_data(models, reconcile={"resync": "500ms"}))
-    daemon = daemons.start(policy)
+def replace_model_dir(models: Path, tmp_path: Path) -> None:
+    """Stage a new model dir (keep.bin, old_a), move *models* to models.old, rename it in."""
     staged = tmp_path / "models.new"
     staged.mkdir()
     make_model(staged, "keep.bin")
     make_model(staged, "old_a")
     os.rename(models, tmp_path / "models.old")
     os.rename(staged, models)
-    daemon.wait("model.pruned", model="old_a")
+
+
+def test_replaced_model_dir_is_suspicious_until_a_reload_confirms_it(
+    daemons: Daemons, models: Path, tmp_path: Path, policy: Path
+) -> None:
+    """A model dir replaced by another directory under its path is a suspicious view: nothing
+    in it is pruned until an operator reloads; then the new one is managed and watched."""
+    make_model(models, "keep.bin")
+    save_policy(policy, policy_data(models, reconcile={"resync": "500ms"}))
+    daemon = daemons.start(policy)
+    mark = daemon.mark()
+    replace_model_dir(models, tmp_path)
+    event = daemon.wait("model_dir.suspicious", after=mark)
+    assert "not the directory it was" in event["reason"]
+    daemon.wait_cycles(2, after=daemon.mark())
+    assert (models / "old_a").exists()
+    assert not daemon.seen("model.pruned")
+    mark = daemon.mark()
+    daemon.send(signal.SIGHUP)
+    daemon.wait("model.pruned", after=mark, model="old_a")
     make_model(tmp_path / "models.old", "old_z")
     mark = daemon.mark()
     make_model(models, "old_b")
@@ -638,20 +365,41 @@ def test_replaced_model_dir_is_followed(
     assert daemon.proc.poll() is None
 
 
+def test_a_symlink_swapped_in_for_the_model_dir_is_never_followed(
+    daemons: Daemons, models: Path, tmp_path: Path, policy: Path
+) -> None:
+    """The model dir's path made a symlink to another directory while the daemon runs:
+    nothing there is pruned and no lock is put there until a reload confirms it."""
+    make_model(models, "keep.bin")
+    save_policy(policy, policy_data(models, reconcile={"resync": "500ms"}))
+    daemon = daemons.start(policy)
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    make_model(other, "old_precious")
+    mark = daemon.mark()
+    os.rename(models, tmp_path / "models.old")
+    models.symlink_to(other)
+    event = daemon.wait("model_dir.suspicious", after=mark)
+    assert "not the directory it was" in event["reason"]
+    daemon.wait_cycles(2, after=daemon.mark())
+    assert (other / "old_precious").exists()
+    assert not (other / ".ocrd-lock").exists()
+    assert not daemon.seen("model.pruned")
+
+
 def test_replaced_model_dir_is_still_locked_against_a_second_instance(
     daemons: Daemons, models: Path, tmp_path: Path, policy: Path, denv: dict[str, str]
 ) -> None:
-    """After the model dir is replaced, the daemon manages the new one and locks it too."""
+    """After the model dir is replaced and a reload confirms it, the daemon manages the new
+    one and locks it too."""
     make_model(models, "keep.bin")
     save_policy(policy, policy_data(models, reconcile={"resync": "500ms"}))
     first = daemons.start(policy)
-    staged = tmp_path / "models.new"
-    staged.mkdir()
-    make_model(staged, "keep.bin")
-    make_model(staged, "old_a")
-    os.rename(models, tmp_path / "models.old")
-    os.rename(staged, models)
-    first.wait("model.pruned", model="old_a")
+    mark = first.mark()
+    replace_model_dir(models, tmp_path)
+    first.wait("model_dir.suspicious", after=mark)
+    first.send(signal.SIGHUP)
+    first.wait("model.pruned", after=mark, model="old_a")
     code, err = second_instance(denv, policy)
     assert code is not None, "a second daemon runs on the replaced model dir"
     assert code != 0
@@ -690,22 +438,6 @@ def test_emptied_model_dir_is_suspicious_until_sighup_confirms(
 
 # -- the status file and `ocrd status` --------------------------------------------------------
 
-HOLD = (
-    "import sys, time\nf = open(sys.argv[1], 'rb')\nprint('ready', flush=True)\ntime.sleep(120)\n"
-)
-
-
-@contextlib.contextmanager
-def held_open(path: Path) -> Iterator[int]:
-    """A child process that keeps *path* open meanwhile; yields its pid."""
-    with subprocess.Popen([sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE) as proc:
-        try:
-            assert proc.stdout is not None
-            assert proc.stdout.readline().strip() == b"ready"
-            yield proc.pid
-        finally:
-            proc.kill()
-
 
 def test_status_file_describes_the_last_cycle(
     daemons: Daemons,
@@ -713,6 +445,7 @@ def test_status_file_describes_the_last_cycle(
     policy: Path,
     status_file: Path,
     denv: dict[str, str],
+    tmp_path: Path,
 ) -> None:
     """status.json in $RUNTIME_DIRECTORY tells pid, policy, last cycle, counts, busy, waiting."""
     make_model(models, "need.bin")
@@ -731,7 +464,7 @@ def test_status_file_describes_the_last_cycle(
             prune={"min_age": "1h"},
         ),
     )
-    with held_open(held) as holder:
+    with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, held) as child:
         daemon = daemons.start(policy)
         daemon.wait("model.pruned", model="old_aged")
         daemon.settle()
@@ -740,7 +473,7 @@ def test_status_file_describes_the_last_cycle(
         assert doc["state"] == "running"
         assert doc["pid"] == daemon.pid
         assert doc["policy"]["path"] == str(policy)
-        assert doc["policy"]["digest"] == sha256(policy)
+        assert doc["policy"]["digest"] == digest(policy)
         assert doc["policy"]["rejected"] is None
         assert doc["model_dir"] == str(models)
         last = doc["last_cycle"]
@@ -757,7 +490,7 @@ def test_status_file_describes_the_last_cycle(
         assert counts["ignored"] >= 1
         assert [(p["action"], p["model"]) for p in doc["pending"]] == [("prune", "old_held")]
         assert [b["model"] for b in doc["busy"]] == ["old_held"]
-        assert str(holder) in doc["busy"][0]["reason"]
+        assert str(child.pid) in doc["busy"][0]["reason"]
         assert [w["model"] for w in doc["waiting"]] == ["old_young"]
         assert doc["errors"] == []
         assert 1 <= doc["handles"]["inspected"] <= doc["handles"]["processes"]
@@ -804,27 +537,28 @@ def test_status_file_is_replaced_atomically(
         thread.join()
     assert reads[0] > 100
     assert bad == []
-    assert [p.name for p in status_file.parent.iterdir()] == ["status.json"]
 
+    def listing() -> list[str]:
+        return [p.name for p in status_file.parent.iterdir()]
 
-@pytest.fixture
-def plain_daemons(env: dict[str, str], tmp_path: Path) -> Iterator[Daemons]:
-    """Daemons started without $RUNTIME_DIRECTORY."""
-    with Daemons(daemon_env(env, tmp_path, runtime=False)) as group:
-        yield group
+    # The last cycle's status may still be being written (a temp file beside status.json):
+    # let the daemon come to rest and that write finish before looking at the run dir.
+    daemon.settle()
+    wait_for(lambda: listing() == ["status.json"], what=f"only status.json in {listing()}")
+    assert listing() == ["status.json"]
 
 
 def test_status_file_falls_back_to_the_state_dir(
-    plain_daemons: Daemons, tmp_path: Path, models: Path, policy: Path
+    daemons: Daemons, plain_denv: dict[str, str], tmp_path: Path, models: Path, policy: Path
 ) -> None:
     """Without $RUNTIME_DIRECTORY the status file is in the state dir, where `ocrd status` looks."""
     save_policy(policy, policy_data(models))
-    daemon = plain_daemons.start(policy)
+    daemon = daemons.start(policy, env=plain_denv)
     path = tmp_path / "xdg-state" / "ocrd" / "status.json"
     doc = wait_for(lambda: read_status(path), what=str(path))
     assert doc["pid"] == daemon.pid
     assert not (tmp_path / "run").exists()
-    shown = ocrd_status(plain_daemons.env, policy)
+    shown = ocrd_status(plain_denv, policy)
     assert shown.returncode == 0, shown
 
 
@@ -845,10 +579,7 @@ def test_status_exit_codes_running_degraded_stopped(
     assert healthy.returncode == 0, healthy
     assert json.loads(healthy.stdout)["degraded"] is False
     os.rename(models / "need.bin", tmp_path / "need.bin")
-    wait_for(
-        lambda: (doc := read_status(status_file)) and doc["degraded"],
-        what="the status file to say degraded",
-    )
+    status_when(status_file, lambda doc: doc["degraded"], what="the status file to say degraded")
     degraded = ocrd_status(denv, policy, "--json")
     assert degraded.returncode == 1, degraded
     assert "need.bin: missing" in json.loads(degraded.stdout)["degraded_reasons"]

@@ -1,7 +1,7 @@
 """Policy hot reload in the real daemon: an editor's rename-save, a Kubernetes ConfigMap's
 symlink swap, SIGHUP, rejected and deleted policies, a moved model_dir (DESIGN §2, §6).
 
-The daemon harness lives in test_daemon.py.
+The daemon harness is tests/support/daemon.py, started by the `daemons` fixture.
 """
 
 from __future__ import annotations
@@ -11,22 +11,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import OCRD, make_model, wait_for, write_policy
-from test_daemon import (
-    Daemons,
-    daemon_env,
-    ocrd_status,
-    policy_data,
-    read_status,
-    save_policy,
-    sha256,
-)
+from tests.support.cli import ocrd, ocrd_status
+from tests.support.daemon import Daemons
+from tests.support.files import digest, make_model
+from tests.support.policy import policy_data, save_policy, status_when, write_policy
 
 # min_age is on line 4: the rejection must say so.
 INVALID = """\
@@ -40,34 +31,6 @@ engine:
 reconcile:
   debounce: 100ms
 """
-
-
-@pytest.fixture
-def denv(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    return daemon_env(env, tmp_path)
-
-
-@pytest.fixture
-def daemons(denv: dict[str, str]) -> Iterator[Daemons]:
-    with Daemons(denv) as group:
-        yield group
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def policy(tmp_path: Path) -> Path:
-    return tmp_path / "etc" / "policy.yaml"
-
-
-@pytest.fixture
-def status_file(tmp_path: Path) -> Path:
-    return tmp_path / "run" / "status.json"
 
 
 def publish_configmap(root: Path, version: str, data: dict[str, Any]) -> None:
@@ -95,7 +58,7 @@ def test_editor_rename_save_reloads_the_policy(
     mark = daemon.mark()
     save_policy(policy, policy_data(models, prune={"prefixes": ["new_"]}))
     event = daemon.wait("policy.reloaded", after=mark)
-    assert event["digest"] == sha256(policy)
+    assert event["digest"] == digest(policy)
     assert event["forced"] is False
     make_model(models, "old_a")
     make_model(models, "new_a")
@@ -115,7 +78,7 @@ def test_configmap_symlink_swap_reloads_the_policy(
     mark = daemon.mark()
     publish_configmap(config, "2026_01_02_v2", policy_data(models, prune={"prefixes": ["new_"]}))
     event = daemon.wait("policy.reloaded", after=mark)
-    assert event["digest"] == sha256(policy)
+    assert event["digest"] == digest(policy)
     assert event["policy"] == str(policy)
     make_model(models, "old_a")
     make_model(models, "new_a")
@@ -131,7 +94,7 @@ def test_sighup_reloads_and_runs_a_cycle(daemons: Daemons, models: Path, policy:
     daemon.send(signal.SIGHUP)
     event = daemon.wait("policy.reloaded", after=mark)
     assert event["forced"] is True
-    assert event["digest"] == sha256(policy)
+    assert event["digest"] == digest(policy)
     daemon.wait("cycle.finished", after=daemon.events.index(event))
 
 
@@ -140,7 +103,7 @@ def test_invalid_edit_is_rejected_and_the_old_policy_stays_in_force(
 ) -> None:
     """An invalid edit is rejected with file, line and key; the old rules keep working."""
     save_policy(policy, policy_data(models))
-    good = sha256(policy)
+    good = digest(policy)
     daemon = daemons.start(policy)
     mark = daemon.mark()
     save_policy(policy, INVALID.format(models=models))
@@ -151,9 +114,8 @@ def test_invalid_edit_is_rejected_and_the_old_policy_stays_in_force(
     make_model(models, "old_a")
     daemon.wait("model.pruned", after=mark, model="old_a")
     assert (models / "new_a").exists()
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["policy"]["rejected"] and d,
-        what="the rejection in the status file",
+    doc = status_when(
+        status_file, lambda d: d["policy"]["rejected"], what="the rejection in the status file"
     )
     assert doc["policy"]["digest"] == good
     assert doc["degraded"] is True
@@ -169,8 +131,9 @@ def test_rejected_edit_shows_in_the_status_file_at_once(
     mark = daemon.mark()
     save_policy(policy, INVALID.format(models=models))
     daemon.wait("policy.rejected", after=mark)
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["policy"]["rejected"] and d,
+    doc = status_when(
+        status_file,
+        lambda d: d["policy"]["rejected"],
         timeout=5,
         what="the rejection in the status file",
     )
@@ -190,10 +153,11 @@ def test_next_good_edit_after_a_rejected_one_is_picked_up(
     make_model(models, "new_a")
     save_policy(policy, policy_data(models, prune={"prefixes": ["new_"]}))
     event = daemon.wait("policy.reloaded", after=mark)
-    assert event["digest"] == sha256(policy)
+    assert event["digest"] == digest(policy)
     daemon.wait("model.pruned", after=mark, model="new_a")
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["policy"]["digest"] == sha256(policy) and d,
+    doc = status_when(
+        status_file,
+        lambda d: d["policy"]["digest"] == digest(policy),
         what="the new policy in the status file",
     )
     assert doc["policy"]["rejected"] is None
@@ -211,10 +175,7 @@ def test_status_exits_1_while_a_policy_edit_is_rejected(
     daemon.wait("policy.rejected", after=mark)
     make_model(models, "keep.bin")  # a cycle, so the status file is fresh whatever else happens
     daemon.wait("cycle.finished", after=mark)
-    wait_for(
-        lambda: (d := read_status(status_file)) and d["degraded"],
-        what="the status file to say degraded",
-    )
+    status_when(status_file, lambda d: d["degraded"], what="the status file to say degraded")
     shown = ocrd_status(denv, policy, "--json")
     assert shown.returncode == 1, shown
     doc = json.loads(shown.stdout)
@@ -227,7 +188,7 @@ def test_deleted_policy_is_rejected_never_replaced_by_defaults(
 ) -> None:
     """Deleting the policy file is an error: the last good policy stays until a new file comes."""
     save_policy(policy, policy_data(models))
-    good = sha256(policy)
+    good = digest(policy)
     daemon = daemons.start(policy)
     mark = daemon.mark()
     policy.unlink()
@@ -237,14 +198,13 @@ def test_deleted_policy_is_rejected_never_replaced_by_defaults(
     make_model(models, "old_a")
     daemon.wait("model.pruned", after=mark, model="old_a")
     assert not daemon.seen("policy.reloaded")
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["policy"]["rejected"] and d,
-        what="the rejection in the status file",
+    doc = status_when(
+        status_file, lambda d: d["policy"]["rejected"], what="the rejection in the status file"
     )
     assert doc["degraded"] is True
     assert doc["policy"]["digest"] == good
     save_policy(policy, policy_data(models, prune={"prefixes": ["new_"]}))
-    daemon.wait("policy.reloaded", after=mark, digest=sha256(policy))
+    daemon.wait("policy.reloaded", after=mark, digest=digest(policy))
     make_model(models, "new_a")
     daemon.wait("model.pruned", after=mark, model="new_a")
 
@@ -269,13 +229,6 @@ def test_changed_model_dir_moves_the_watch_and_the_lock(
     assert (models / "old_a1").exists()
     assert (other / ".ocrd-lock").read_text().strip() == str(daemon.pid)
     first = save_policy(tmp_path / "first.yaml", policy_data(models))
-    applied = subprocess.run(
-        [OCRD, "--config", str(first), "apply"],
-        capture_output=True,
-        text=True,
-        env=denv,
-        timeout=60,
-        check=False,
-    )
+    applied = ocrd("--config", first, "apply", env=denv)
     assert applied.returncode == 0, applied
     assert not (models / "old_a1").exists()

@@ -8,28 +8,16 @@ to prove that what ocrd deletes is no longer held by anyone and its space is bac
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import shutil
 import signal
-import subprocess
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from importlib.metadata import version as dist_version
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from conftest import wait_for
-from engine_support import (
-    DEFAULT_MODEL_DIR,
-    DEFAULT_MODEL_FILE,
-    aspose_available,
-    fetch_llama_runtime,
-    make_tiny_gguf,
-)
 from structlog.testing import capture_logs
 
 from ocrd.act.apply import apply
@@ -40,42 +28,17 @@ from ocrd.engine.aspose import AsposeEngine
 from ocrd.engine.base import EngineError
 from ocrd.engine.none import NoEngine
 from ocrd.observe.scan import scan
+from tests.support.engine import DEFAULT_MODEL_DIR, DEFAULT_MODEL_FILE, make_tiny_gguf
+from tests.support.logs import matching
+from tests.support.mounts import mounted_tmpfs
+from tests.support.procs import host_environ
+from tests.support.wait import wait_for
 
 DELETED = " (deleted)"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 SPACE_SLACK = 4 * PAGE  # what statvfs may differ by besides the model's own pages
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def persistent_cache(factory: pytest.TempPathFactory) -> Path:
-    """``$XDG_CACHE_HOME/ocrd-tests`` (``~/.cache/ocrd-tests``), else a session temp dir."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ocrd-tests"
-    try:
-        base.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return factory.mktemp("ocrd-tests-cache")
-    if not os.access(base, os.W_OK | os.X_OK):
-        return factory.mktemp("ocrd-tests-cache")
-    return base
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A fresh tmpfs of *size* mounted at *path* (created), unmounted afterwards."""
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    assert mount is not None and umount is not None, "mount/umount are not installed"
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [mount, "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", str(path)],
-        check=True,
-        capture_output=True,
-    )
-    try:
-        yield path
-    finally:
-        # lazy: a host a failed test left behind must not keep the mount (or mask the failure)
-        subprocess.run([umount, "--lazy", str(path)], check=True, capture_output=True)
 
 
 def free_bytes(path: Path) -> int:
@@ -100,13 +63,6 @@ def pid_gone(pid: int) -> bool:
     except ProcessLookupError:
         return not Path(f"/proc/{pid}").exists()
     return False
-
-
-def host_environ(pid: int) -> dict[str, str]:
-    """The environment the kernel recorded for *pid* at exec."""
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
-    pairs = (item.decode().partition("=") for item in raw.split(b"\0") if item)
-    return {key: value for key, _, value in pairs}
 
 
 def comm(pid: int) -> str:
@@ -149,10 +105,6 @@ def holders(root: Path, key: tuple[int, int] | None = None) -> list[tuple[int, s
         except OSError:  # gone meanwhile
             continue
     return sorted(found)
-
-
-def events(logs: Sequence[Mapping[str, Any]], name: str, **fields: Any) -> list[Mapping[str, Any]]:
-    return [e for e in logs if e["event"] == name and all(e.get(k) == v for k, v in fields.items())]
 
 
 def index_of(
@@ -202,36 +154,6 @@ def plan_for(policy: Policy) -> Plan:
     return reconcile(policy, scan(policy.model_dir), now=time.time())
 
 
-# -- fixtures --------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def aspose() -> None:
-    """Skip, with the import error, where `aspose.ocr` cannot be imported."""
-    reason = aspose_available()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def llama_runtime(aspose: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The flat llama.cpp runtime dir, fetched once with npm into a persistent cache."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        runtime = fetch_llama_runtime(persistent_cache(tmp_path_factory))
-    print(printed.getvalue(), end="")
-    if runtime is None:
-        pytest.skip(printed.getvalue().strip() or "llama.cpp runtime could not be fetched")
-    return runtime
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
 # -- 1. lifecycle ----------------------------------------------------------------------------
 
 
@@ -263,7 +185,7 @@ def test_open_starts_an_isolated_host_and_release_reaps_it(
             os.kill(pid, 0)  # alive
             assert engine.alive()
             assert b"ocrd.engine.child" in Path(f"/proc/{pid}/cmdline").read_bytes()
-            started = events(logs, "engine.started", pid=pid)
+            started = matching(logs, "engine.started", pid=pid)
             assert len(started) == 1, logs
             assert started[0]["engine"] == "aspose"
             assert started[0]["version"] == dist_version("aspose-ocr-python-net")
@@ -290,7 +212,7 @@ def test_open_starts_an_isolated_host_and_release_reaps_it(
             assert model.is_file()
 
             engine.release()
-            released = events(logs, "engine.released", pid=pid)
+            released = matching(logs, "engine.released", pid=pid)
             assert len(released) == 1, logs
             assert released[0]["how"] == "quit"
             with pytest.raises(ProcessLookupError):
@@ -298,7 +220,7 @@ def test_open_starts_an_isolated_host_and_release_reaps_it(
             assert not Path(f"/proc/{pid}").exists()
             assert engine.pid is None
             assert not engine.alive()
-            assert not events(logs, "engine.crashed"), logs
+            assert not matching(logs, "engine.crashed"), logs
         finally:
             shut(engine)
 
@@ -312,7 +234,7 @@ def test_a_cycle_unmaps_the_loaded_model_before_deleting_it_and_the_space_comes_
 ) -> None:
     """A model the host really loaded is released, deleted, unheld by anyone, its space freed."""
     state = tmp_path / "state"
-    with mounted_tmpfs(tmp_path / "models", "4m") as models:
+    with mounted_tmpfs(tmp_path / "models", "4m", mode="0755") as models:
         model = make_tiny_gguf(models / DEFAULT_MODEL_DIR / DEFAULT_MODEL_FILE)
         size = model.stat().st_size
         st = model.stat()
@@ -357,7 +279,7 @@ def test_a_cycle_unmaps_the_loaded_model_before_deleting_it_and_the_space_comes_
                 assert second is not None and second != first
                 restarted = index_of(logs, "engine.started", after=pruned, pid=second)
                 cycled = index_of(logs, "engine.cycled", after=restarted, pid=second)
-                assert events(logs, "engine.cycled")[0]["ocrd_models"] == []
+                assert matching(logs, "engine.cycled")[0]["ocrd_models"] == []
                 assert logs[cycled]["engine_models"] == []
                 assert engine.alive()
             finally:
@@ -387,9 +309,9 @@ def test_a_model_held_by_a_running_host_is_busy_and_kept(
         assert outcome.done == (), outcome
         assert [r.name for r in outcome.busy] == [DEFAULT_MODEL_DIR], outcome
         assert f"pid {host} ({comm(host)}, mmap)" in outcome.busy[0].reason, outcome
-        busy = events(logs, "model.busy", model=DEFAULT_MODEL_DIR)
+        busy = matching(logs, "model.busy", model=DEFAULT_MODEL_DIR)
         assert len(busy) == 1 and host in busy[0]["pids"], logs
-        assert not events(logs, "model.pruned"), logs
+        assert not matching(logs, "model.pruned"), logs
         assert model.is_file()
         assert (host, "mmap", real) in holders(models)
         assert holder.alive()
@@ -415,12 +337,12 @@ def test_a_killed_host_is_reported_crashed_at_release_and_open_starts_a_new_one(
 
             engine.release()  # must not raise
 
-            crashed = events(logs, "engine.crashed", pid=first)
+            crashed = matching(logs, "engine.crashed", pid=first)
             assert len(crashed) == 1, logs
             assert crashed[0]["exit"] == "killed by SIGKILL"
             assert crashed[0]["during"] == "release"
             assert crashed[0]["log_level"] == "error"
-            assert not events(logs, "engine.released"), logs
+            assert not matching(logs, "engine.released"), logs
             assert pid_gone(first)
             assert engine.pid is None
 
@@ -429,7 +351,7 @@ def test_a_killed_host_is_reported_crashed_at_release_and_open_starts_a_new_one(
             assert second is not None and second != first
             assert engine.alive()
             assert engine.call("ping") == {"pid": second}
-            assert len(events(logs, "engine.started", pid=second)) == 1, logs
+            assert len(matching(logs, "engine.started", pid=second)) == 1, logs
         finally:
             shut(engine)
 
@@ -447,11 +369,11 @@ def test_a_host_killed_right_before_release_is_not_logged_as_quit(
             os.kill(pid, signal.SIGKILL)
             engine.release()  # must not raise, whether or not the kernel finished the kill
 
-            crashed = events(logs, "engine.crashed", pid=pid)
+            crashed = matching(logs, "engine.crashed", pid=pid)
             assert len(crashed) == 1, logs
             assert crashed[0]["exit"] == "killed by SIGKILL"
             assert pid_gone(pid)
-            assert not events(logs, "engine.released", pid=pid, how="quit"), logs
+            assert not matching(logs, "engine.released", pid=pid, how="quit"), logs
             engine.open(models)
             assert engine.alive()
         finally:
@@ -480,7 +402,7 @@ def test_a_stopped_host_is_killed_within_the_release_timeout(
             print(f"\nrelease of a stopped host (release_timeout 2s): {elapsed:.2f} s")
 
             assert elapsed < 2.5, f"release took {elapsed:.2f} s"
-            released = events(logs, "engine.released", pid=pid)
+            released = matching(logs, "engine.released", pid=pid)
             assert len(released) == 1, logs
             assert released[0]["how"] in ("kill", "terminate")
             assert pid_gone(pid)
@@ -514,7 +436,7 @@ def test_a_host_aborting_without_icu_is_restarted_in_invariant_mode(
             fallback = index_of(logs, "engine.icu_fallback", after=crashed)
             assert logs[fallback]["log_level"] == "warning"
             index_of(logs, "engine.started", after=fallback, pid=pid)
-            assert len(events(logs, "engine.started")) == 1, logs
+            assert len(matching(logs, "engine.started")) == 1, logs
 
             env = host_environ(pid)
             assert env.get("DOTNET_SYSTEM_GLOBALIZATION_INVARIANT") == "1", env

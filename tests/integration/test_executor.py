@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,14 +10,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from conftest import make_model
 from structlog.testing import capture_logs
 
 from ocrd import cycle
@@ -35,14 +32,14 @@ from ocrd.log import LISTED
 from ocrd.observe.handles import HandleIndex, build_index
 from ocrd.observe.scan import scan
 from ocrd.observe.trash import read_trash
+from tests.support.files import leftovers, make_model, sha256
+from tests.support.logs import matching
+from tests.support.procs import HOLD_FD, HOLD_MMAP, holder
+from tests.support.trash import trash_batch, trash_item
 
 DAY = 86400.0
 
 # --------------------------------------------------------------------------- helpers
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def make_policy(
@@ -81,10 +78,6 @@ def run_apply(
     return outcome, logs
 
 
-def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
-    return [e for e in logs if e["event"] == name]
-
-
 def tree(path: Path) -> dict[str, tuple[Any, ...]]:
     """Everything at and below *path* (symlinks not followed): kind, bytes or target, inode."""
     out: dict[str, tuple[Any, ...]] = {}
@@ -101,54 +94,6 @@ def tree(path: Path) -> dict[str, tuple[Any, ...]]:
                 with open(full, "rb") as fh:
                     out[rel] = ("file", fh.read(), st.st_ino, st.st_mtime_ns)
     return out
-
-
-def leftovers(root: Path) -> list[str]:
-    return sorted(n for n in os.listdir(root) if n.startswith((TMP_PREFIX, DELETING_PREFIX)))
-
-
-def _payload(where: Path, name: str, data: bytes | dict[str, bytes]) -> int:
-    """Write a file payload, or a dir from a mapping, at where/name; returns its size."""
-    if isinstance(data, bytes):
-        (where / name).write_bytes(data)
-        return len(data)
-    for rel, content in data.items():
-        (where / name / rel).parent.mkdir(parents=True, exist_ok=True)
-        (where / name / rel).write_bytes(content)
-    return sum(len(c) for c in data.values())
-
-
-def trash_item(
-    root: Path, item_id: str, name: str, data: bytes | dict[str, bytes], *, trashed_at: float
-) -> Path:
-    """A complete legacy (v1) quarantine item built by hand: one model and its record.json."""
-    item = root / TRASH / item_id
-    item.mkdir(parents=True)
-    size = _payload(item, name, data)
-    record = {"name": name, "trashed_at": trashed_at, "reason": "t", "size": size, "sha256": None}
-    (item / LEGACY_RECORD).write_text(json.dumps(record), encoding="utf-8")
-    return item
-
-
-def trash_batch(
-    root: Path,
-    batch_id: str,
-    models: dict[str, bytes | dict[str, bytes]],
-    *,
-    trashed_at: float,
-    never_moved: tuple[str, ...] = (),
-) -> Path:
-    """A v2 quarantine batch built by hand: *models* moved in, *never_moved* only listed."""
-    batch = root / TRASH / batch_id
-    batch.mkdir(parents=True)
-    items = [
-        {"name": name, "reason": "t", "size": _payload(batch, name, data), "sha256": None}
-        for name, data in models.items()
-    ]
-    items += [{"name": n, "reason": "t", "size": 1, "sha256": None} for n in never_moved]
-    record = {"version": 2, "trashed_at": trashed_at, "items": items}
-    (batch / RECORD).write_text(json.dumps(record), encoding="utf-8")
-    return batch
 
 
 def batch_dirs(root: Path) -> list[str]:
@@ -228,18 +173,6 @@ class FakeEngine:
 
 
 @pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
 def journal(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every rename/replace/link/unlink/rmdir in this process, as 'op:basename'."""
     calls: list[str] = []
@@ -252,57 +185,6 @@ def journal(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
         monkeypatch.setattr(os, op, wrapper)
     return calls
-
-
-# Children that hold a model: by descriptor, or by a mapping with no descriptor
-# left (mapped through libc as llama.cpp does; Python's mmap keeps a dup'd fd).
-HOLD_FD = """
-import sys
-held = open(sys.argv[1], "rb")
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-HOLD_MMAP = """
-import ctypes, mmap, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
-]
-fd = os.open(sys.argv[1], os.O_RDONLY)
-addr = libc.mmap(None, os.fstat(fd).st_size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-os.close(fd)
-if addr is None or addr == ctypes.c_void_p(-1).value:
-    raise OSError(ctypes.get_errno(), "mmap failed")
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-
-@contextmanager
-def holder(tmp_path: Path, comm: str, script: str, path: Path) -> Iterator[subprocess.Popen[str]]:
-    """A child process named *comm* holding *path*; ready when it says so on stdout."""
-    exe = tmp_path / comm
-    if not exe.exists():
-        exe.symlink_to(sys.executable)  # the kernel names the process after this link
-    proc = subprocess.Popen(
-        [str(exe), "-c", script, str(path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", f"child {comm} did not get ready: {line!r}"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
 
 
 # --------------------------------------------------------------------------- (a) ordering
@@ -349,7 +231,7 @@ def test_release_before_act_then_open(
     names = [e["event"] for e in logs]
     assert names.count("model.pruned") == 2
     assert names[-1] == "engine.cycled"
-    assert events(logs, "engine.cycled")[0]["engine"] == "fake"
+    assert matching(logs, "engine.cycled")[0]["engine"] == "fake"
 
 
 def test_engine_open_failure_is_reported_not_fatal(root: Path, state: Path) -> None:
@@ -365,9 +247,9 @@ def test_engine_open_failure_is_reported_not_fatal(root: Path, state: Path) -> N
     outcome, logs = run_apply(plan_for(make_policy(root, state)), root, BrokenOpen())
     assert [a.name for a in outcome.done] == ["old_model.bin"]
     assert outcome.engine_error is not None and "ICU missing" in outcome.engine_error
-    (unavailable,) = events(logs, "engine.unavailable")
+    (unavailable,) = matching(logs, "engine.unavailable")
     assert (unavailable["engine"], unavailable["log_level"]) == ("broken", "error")
-    assert events(logs, "engine.cycled") == []
+    assert matching(logs, "engine.cycled") == []
 
 
 def test_empty_plan_does_not_cycle_engine(root: Path, state: Path, journal: list[str]) -> None:
@@ -397,7 +279,7 @@ def test_release_failure_fails_closed(
     policy = make_policy(
         root,
         state,
-        required=[{"name": "req.bin", "sha256": sha(b"required"), "source": str(source)}],
+        required=[{"name": "req.bin", "sha256": sha256(b"required"), "source": str(source)}],
     )
     the_plan = plan_for(policy)
     assert sorted(a.kind for a in the_plan.actions) == sorted(
@@ -421,7 +303,7 @@ def test_release_failure_fails_closed(
     assert outcome.done == () and outcome.failed == ()
     assert [a for a, _ in outcome.skipped] == list(the_plan.actions)
     assert all(why == "engine release failed" for _, why in outcome.skipped)
-    failed = events(logs, "engine.release_failed")
+    failed = matching(logs, "engine.release_failed")
     assert len(failed) == 1
     assert failed[0]["log_level"] == "error"
     assert failed[0]["skipped"] == 3
@@ -449,7 +331,7 @@ def test_release_that_keeps_descriptor_is_caught(
 
     me = os.getpid()
     comm = Path(f"/proc/{me}/comm").read_text(encoding="utf-8").strip()
-    busy = events(logs, "model.busy")
+    busy = matching(logs, "model.busy")
     assert len(busy) == 1
     assert busy[0]["model"] == "old_held.bin"
     assert busy[0]["pids"] == [me]
@@ -461,7 +343,7 @@ def test_release_that_keeps_descriptor_is_caught(
     ]
     assert [a.name for a in outcome.done] == ["old_free.bin"]
     assert not free.exists()
-    assert [e["model"] for e in events(logs, "model.pruned")] == ["old_free.bin"]
+    assert [e["model"] for e in matching(logs, "model.pruned")] == ["old_free.bin"]
 
 
 # --------------------------------------------------------------------------- (d) other processes
@@ -483,7 +365,7 @@ def test_model_held_by_other_process_is_busy(
         the_plan = plan_for(policy)
         held_before = tree(root)["old_held.gguf.bin"]
         outcome, logs = run_apply(the_plan, root, NoEngine())
-        busy = events(logs, "model.busy")
+        busy = matching(logs, "model.busy")
         assert len(busy) == 1
         assert busy[0]["model"] == "old_held.gguf.bin"
         assert busy[0]["pids"] == [child.pid]
@@ -495,8 +377,8 @@ def test_model_held_by_other_process_is_busy(
     assert child.returncode is not None  # the holder is gone
 
     outcome, logs = run_apply(plan_for(policy), root, NoEngine())
-    assert events(logs, "model.busy") == []
-    assert [e["model"] for e in events(logs, "model.pruned")] == ["old_held.gguf.bin"]
+    assert matching(logs, "model.busy") == []
+    assert [e["model"] for e in matching(logs, "model.pruned")] == ["old_held.gguf.bin"]
     assert [a.name for a in outcome.done] == ["old_held.gguf.bin"]
     assert not model.exists()
 
@@ -512,7 +394,7 @@ def test_directory_model_with_held_file_inside_is_busy(
     with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, inner) as child:
         before = tree(root)
         outcome, logs = run_apply(plan_for(make_policy(root, state)), root, NoEngine())
-        assert [e["pids"] for e in events(logs, "model.busy")] == [[child.pid]]
+        assert [e["pids"] for e in matching(logs, "model.busy")] == [[child.pid]]
         assert tree(root) == before
         assert outcome.done == ()
 
@@ -552,9 +434,9 @@ def test_quarantine_file_with_record(root: Path, state: Path) -> None:
     assert listed["reason"] == action.reason
     assert "prefix 'old_'" in listed["reason"]
     assert listed["size"] == len(data)
-    assert listed["sha256"] in (None, sha(data))
+    assert listed["sha256"] in (None, sha256(data))
     assert sorted(os.listdir(batch)) == sorted(["old_model.bin", RECORD])
-    (pruned,) = events(logs, "model.pruned")
+    (pruned,) = matching(logs, "model.pruned")
     assert pruned["model"] == "old_model.bin"
     assert pruned["reason"] == action.reason
     assert pruned["bytes"] == len(data)
@@ -577,7 +459,7 @@ def test_quarantine_directory_model(root: Path, state: Path) -> None:
     assert item.id.endswith("/old_Qwen-GGUF")
     assert tree(root / TRASH / item.id) == before
     assert item.size == 3500 + len("a.gguf")
-    (pruned,) = events(logs, "model.pruned")
+    (pruned,) = matching(logs, "model.pruned")
     assert (pruned["bytes"], pruned["dest"]) == (item.size, f"{TRASH}/{item.id}")
 
 
@@ -623,7 +505,7 @@ def test_one_cycle_quarantines_into_one_batch(root: Path, state: Path) -> None:
     items = read_trash(str(root))
     assert sorted(i.id for i in items) == [f"{batch_id}/{name}" for name in names]
     assert {i.trashed_at for i in items} == {record["trashed_at"]}
-    dests = {e["model"]: e["dest"] for e in events(logs, "model.pruned")}
+    dests = {e["model"]: e["dest"] for e in matching(logs, "model.pruned")}
     assert dests == {name: f"{TRASH}/{batch_id}/{name}" for name in names}
     assert leftovers(root) == []
 
@@ -638,7 +520,7 @@ def test_listed_model_that_never_moved_is_not_a_trash_item(
     assert [a.name for a in the_plan.actions] == ["old_a.bin", "old_b.bin"]
     _touch(skipped, tmp_path)
     outcome, logs = run_apply(the_plan, root, NoEngine())
-    assert [e["model"] for e in events(logs, "model.changed")] == ["old_b.bin"]
+    assert [e["model"] for e in matching(logs, "model.changed")] == ["old_b.bin"]
 
     assert [a.name for a in outcome.done] == ["old_a.bin"]
     assert [(a.name, why) for a, why in outcome.skipped] == [
@@ -671,7 +553,7 @@ def test_cycle_that_moves_nothing_leaves_no_batch(
         for model in models:
             _touch(model, tmp_path)  # check_unchanged skips it
     else:
-        immutable: Callable[[Path], None] = request.getfixturevalue("immutable")
+        immutable: Callable[..., None] = request.getfixturevalue("immutable")
         for model in models:
             immutable(model)  # passes check_unchanged; the rename fails
     before = tree(root)
@@ -683,8 +565,8 @@ def test_cycle_that_moves_nothing_leaves_no_batch(
         assert [a.name for a, _ in outcome.skipped] == ["old_a.bin", "old_b.bin"]
     else:
         assert [a.name for a, _ in outcome.failed] == ["old_a.bin", "old_b.bin"]
-        assert all("not permitted" in e["error"] for e in events(logs, "action.failed"))
-    assert events(logs, "model.pruned") == []
+        assert all("not permitted" in e["error"] for e in matching(logs, "action.failed"))
+    assert matching(logs, "model.pruned") == []
     assert batch_dirs(root) == []
     assert {k: v for k, v in tree(root).items() if k != TRASH} == before
     assert read_trash(str(root)) == ()
@@ -738,9 +620,9 @@ def test_purging_from_a_batch_keeps_the_rest_and_drops_it_when_empty(
 
     with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, batch / "old_a.bin") as child:
         outcome, logs = run_apply(purge_plan(), root, NoEngine())
-        assert [e["pids"] for e in events(logs, "model.busy")] == [[child.pid]]
+        assert [e["pids"] for e in matching(logs, "model.busy")] == [[child.pid]]
     assert [a.trash_id for a in outcome.done] == [f"{batch_id}/old_dir"]
-    assert [e["trash_id"] for e in events(logs, "trash.purged")] == [f"{batch_id}/old_dir"]
+    assert [e["trash_id"] for e in matching(logs, "trash.purged")] == [f"{batch_id}/old_dir"]
     assert batch_dirs(root) == [batch_id]
     assert sorted(os.listdir(batch)) == sorted([RECORD, "old_a.bin"])
     assert (batch / "old_a.bin").read_bytes() == b"a" * 4096
@@ -769,7 +651,7 @@ def test_model_named_record_json_is_quarantined_and_restored_intact(
     outcome, logs = run_apply(the_plan, root, NoEngine())
 
     assert [a.name for a in outcome.done] == ["record.json"]
-    assert [e["model"] for e in events(logs, "model.pruned")] == ["record.json"]
+    assert [e["model"] for e in matching(logs, "model.pruned")] == ["record.json"]
     (item,) = read_trash(str(root))
     (batch_id,) = batch_dirs(root)
     assert (item.id, item.name, item.size) == (f"{batch_id}/record.json", "record.json", len(data))
@@ -798,7 +680,7 @@ def test_delete_file(root: Path, state: Path) -> None:
     assert [a.name for a in outcome.done] == ["old_model.bin"]
     assert not os.path.lexists(model)
     assert sorted(os.listdir(root)) == ["keep.gguf"]
-    (pruned,) = events(logs, "model.pruned")
+    (pruned,) = matching(logs, "model.pruned")
     assert (pruned["model"], pruned["bytes"], pruned["dest"]) == ("old_model.bin", 1234, "deleted")
     assert "prefix 'old_'" in pruned["reason"]
 
@@ -816,7 +698,7 @@ def test_delete_directory_model(root: Path, state: Path, journal: list[str]) -> 
     assert sorted(os.listdir(root)) == ["keep.gguf"]
     assert leftovers(root) == []
     assert journal[0] == "rename:old_dir"  # moved away atomically before removal starts
-    (pruned,) = events(logs, "model.pruned")
+    (pruned,) = matching(logs, "model.pruned")
     assert (pruned["bytes"], pruned["dest"]) == (501, "deleted")
 
 
@@ -841,7 +723,7 @@ def test_symlink_to_outside_is_removed_as_link(
     assert [a.name for a in outcome.done] == ["old_link"]
     assert not os.path.lexists(link)
     assert tree(outside) == outside_before
-    assert len(events(logs, "model.pruned")) == 1
+    assert len(matching(logs, "model.pruned")) == 1
     assert leftovers(root) == []
     if mode == "quarantine":
         (item,) = read_trash(str(root))
@@ -929,13 +811,13 @@ def test_changed_between_plan_and_apply_is_skipped(
     assert tree(root) == after_change
     assert outcome.done == ()
     assert outcome.skipped == ((action, reason),)
-    (changed,) = events(logs, "model.changed")
+    (changed,) = matching(logs, "model.changed")
     assert (changed["model"], changed["reason"], changed["action"]) == (
         "old_model",
         reason,
         "prune",
     )
-    assert events(logs, "model.pruned") == []
+    assert matching(logs, "model.pruned") == []
 
 
 def test_corrupt_model_replaced_before_restore_is_left(
@@ -946,7 +828,7 @@ def test_corrupt_model_replaced_before_restore_is_left(
     source = make_model(tmp_path, "source.bin", good)
     make_model(root, "req.bin", b"corrupt")
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}]
+        root, state, required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}]
     )
     the_plan = plan_for(policy)
     (action,) = the_plan.actions
@@ -958,7 +840,7 @@ def test_corrupt_model_replaced_before_restore_is_left(
 
     assert tree(root) == after_change
     assert [(a.name, why) for a, why in outcome.skipped] == [("req.bin", "replaced since the scan")]
-    assert [e["model"] for e in events(logs, "model.changed")] == ["req.bin"]
+    assert [e["model"] for e in matching(logs, "model.changed")] == ["req.bin"]
     assert leftovers(root) == []
     assert read_trash(str(root)) == ()
 
@@ -974,7 +856,7 @@ def test_trash_is_a_file_fails_prunes_not_the_rest(root: Path, state: Path, tmp_
     good = b"required model"
     source = make_model(tmp_path, "source.bin", good)
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}]
+        root, state, required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}]
     )
     the_plan = plan_for(policy)
     assert [a.kind for a in the_plan.actions] == [
@@ -988,12 +870,12 @@ def test_trash_is_a_file_fails_prunes_not_the_rest(root: Path, state: Path, tmp_
     assert (root / "req.bin").read_bytes() == good
     assert [x.name for x in outcome.done] == ["req.bin"]
     assert sorted(x.name for x, _ in outcome.failed) == ["old_a.bin", "old_b.bin"]
-    failed = events(logs, "action.failed")
+    failed = matching(logs, "action.failed")
     assert sorted(e["model"] for e in failed) == ["old_a.bin", "old_b.bin"]
     assert all("not a directory" in e["error"] for e in failed)
     assert (a.read_bytes(), b.read_bytes()) == (b"a", b"b")
     assert (root / TRASH).read_text(encoding="utf-8") == "in the way"
-    assert len(events(logs, "engine.cycled")) == 1
+    assert len(matching(logs, "engine.cycled")) == 1
     assert outcome.ok is False
 
 
@@ -1010,36 +892,13 @@ def test_missing_source_fails_restore_not_prunes(root: Path, state: Path, tmp_pa
     outcome, logs = run_apply(the_plan, root, NoEngine())
     assert [a.name for a, _ in outcome.failed] == ["req.bin"]
     assert [a.name for a in outcome.done] == ["old_a.bin"]
-    assert [e["model"] for e in events(logs, "action.failed")] == ["req.bin"]
+    assert [e["model"] for e in matching(logs, "action.failed")] == ["req.bin"]
     assert sorted(os.listdir(root)) == [TRASH]
-
-
-@pytest.fixture
-def immutable(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
-    """chattr +i on paths; undone at the end. Skips when the filesystem will not do it."""
-    done: list[Path] = []
-    chattr = shutil.which("chattr")
-    if chattr is None:
-        pytest.skip("chattr is not installed: cannot make an un-renamable target")
-
-    def make(path: Path) -> None:
-        proc = subprocess.run(
-            [chattr, "+i", str(path)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"chattr +i does not work here: {proc.stderr.strip()}")
-        done.append(path)
-
-    try:
-        yield make
-    finally:
-        for path in done:
-            subprocess.run([chattr, "-i", str(path)], check=False)
 
 
 @pytest.mark.parametrize("mode", ["quarantine", "delete"])
 def test_one_failing_prune_does_not_stop_the_next(
-    root: Path, state: Path, immutable: Callable[[Path], None], mode: str
+    root: Path, state: Path, immutable: Callable[..., None], mode: str
 ) -> None:
     """An immutable (un-renamable) model fails alone; the prune planned after it still happens."""
     stuck = make_model(root, "old_a_stuck.bin", b"stuck", age=7200)
@@ -1053,10 +912,10 @@ def test_one_failing_prune_does_not_stop_the_next(
 
     assert [a.name for a, _ in outcome.failed] == ["old_a_stuck.bin"]
     assert [a.name for a in outcome.done] == ["old_b_free.bin"]
-    (failed,) = events(logs, "action.failed")
+    (failed,) = matching(logs, "action.failed")
     assert failed["model"] == "old_a_stuck.bin"
     assert "not permitted" in failed["error"]
-    assert [e["model"] for e in events(logs, "model.pruned")] == ["old_b_free.bin"]
+    assert [e["model"] for e in matching(logs, "model.pruned")] == ["old_b_free.bin"]
     assert (stuck.read_bytes(), stuck.stat().st_ino) == (b"stuck", inode)
     assert not free.exists()
     assert [i.name for i in read_trash(str(root))] == (
@@ -1076,7 +935,7 @@ def test_restore_missing_via_tmp_name(
     source = make_model(tmp_path, "source.bin", good)
     make_model(root, "keep.gguf", b"keep")
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}]
+        root, state, required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}]
     )
     the_plan = plan_for(policy)
     (action,) = the_plan.actions
@@ -1093,10 +952,10 @@ def test_restore_missing_via_tmp_name(
     assert placed[0].split(":", 1)[1].startswith(TMP_PREFIX)
     assert leftovers(root) == []
     assert sorted(os.listdir(root)) == ["keep.gguf", "req.bin"]
-    (restored,) = events(logs, "model.restored")
+    (restored,) = matching(logs, "model.restored")
     assert restored["model"] == "req.bin"
     assert restored["bytes"] == len(good)
-    assert restored["sha256"] == sha(good)
+    assert restored["sha256"] == sha256(good)
     assert restored["source"] == str(source)
     assert restored["replaced"] is None
     again = plan_for(policy)
@@ -1109,14 +968,14 @@ def test_restore_with_wrong_source_leaves_nothing(root: Path, state: Path, tmp_p
     policy = make_policy(
         root,
         state,
-        required=[{"name": "req.bin", "sha256": sha(b"pinned"), "source": str(source)}],
+        required=[{"name": "req.bin", "sha256": sha256(b"pinned"), "source": str(source)}],
     )
     outcome, logs = run_apply(plan_for(policy), root, NoEngine())
     assert [a.name for a, _ in outcome.failed] == ["req.bin"]
-    (failed,) = events(logs, "action.failed")
+    (failed,) = matching(logs, "action.failed")
     assert "sha256" in failed["error"]
     assert os.listdir(root) == []
-    assert events(logs, "model.restored") == []
+    assert matching(logs, "model.restored") == []
 
 
 def test_restore_replaces_corrupt_model(root: Path, state: Path, tmp_path: Path) -> None:
@@ -1126,7 +985,7 @@ def test_restore_replaces_corrupt_model(root: Path, state: Path, tmp_path: Path)
     source = make_model(tmp_path, "source.bin", good)
     make_model(root, "req.bin", corrupt)
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}]
+        root, state, required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}]
     )
     the_plan = plan_for(policy)
     assert [r.kind for r in the_plan.reports] == [ReportKind.CORRUPT]
@@ -1137,10 +996,10 @@ def test_restore_replaces_corrupt_model(root: Path, state: Path, tmp_path: Path)
     (item,) = read_trash(str(root))
     assert item.id.endswith("/req.bin")
     assert (root / TRASH / item.id).read_bytes() == corrupt
-    assert item.sha256 == sha(corrupt)
+    assert item.sha256 == sha256(corrupt)
     assert item.size == len(corrupt)
     assert "corrupt" in item.reason
-    (restored,) = events(logs, "model.restored")
+    (restored,) = matching(logs, "model.restored")
     assert restored["replaced"] == f"{TRASH}/{item.id}"
     assert leftovers(root) == []
     assert plan_for(policy).actions == ()
@@ -1151,7 +1010,9 @@ def test_corrupt_model_stays_when_source_is_wrong(root: Path, state: Path, tmp_p
     source = make_model(tmp_path, "source.bin", b"also wrong")
     make_model(root, "req.bin", b"corrupt")
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(b"good"), "source": str(source)}]
+        root,
+        state,
+        required=[{"name": "req.bin", "sha256": sha256(b"good"), "source": str(source)}],
     )
     before = tree(root)
     outcome, _ = run_apply(plan_for(policy), root, NoEngine())
@@ -1166,7 +1027,7 @@ def test_restore_never_overwrites_what_appeared_meanwhile(
     good = b"good"
     source = make_model(tmp_path, "source.bin", good)
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}]
+        root, state, required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}]
     )
     the_plan = plan_for(policy)
     make_model(root, "req.bin", b"someone else's copy")
@@ -1174,8 +1035,8 @@ def test_restore_never_overwrites_what_appeared_meanwhile(
     outcome, logs = run_apply(the_plan, root, NoEngine())
     assert tree(root) == before
     assert [a.name for a in outcome.done] == []
-    assert [e["model"] for e in events(logs, "model.changed")] == ["req.bin"]
-    assert events(logs, "model.restored") == []
+    assert [e["model"] for e in matching(logs, "model.changed")] == ["req.bin"]
+    assert matching(logs, "model.restored") == []
 
 
 def test_restore_of_held_corrupt_model_waits(root: Path, state: Path, tmp_path: Path) -> None:
@@ -1184,37 +1045,24 @@ def test_restore_of_held_corrupt_model_waits(root: Path, state: Path, tmp_path: 
     source = make_model(tmp_path, "source.bin", good)
     corrupt = make_model(root, "req.bin", b"corrupt but in use")
     policy = make_policy(
-        root, state, required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}]
+        root, state, required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}]
     )
     before = tree(root)
     with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, corrupt) as child:
         outcome, logs = run_apply(plan_for(policy), root, NoEngine())
-        (busy,) = events(logs, "model.busy")
+        (busy,) = matching(logs, "model.busy")
         assert (busy["model"], busy["action"], busy["pids"]) == ("req.bin", "restore", [child.pid])
     assert tree(root) == before
     assert outcome.done == ()
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
+def small_fs(tmp_path: Path, tmpfs_at: Callable[[Path, str], None]) -> Path:
     """A 1 MiB tmpfs mounted for this test (root only), unmounted afterwards."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    mount, umount = shutil.which("mount"), shutil.which("umount")
-    if mount is None or umount is None:
-        pytest.skip("mount/umount are not installed")
-    proc = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run([umount, str(mnt)], check=False)
+    tmpfs_at(mnt, "1m")
+    return mnt
 
 
 @pytest.mark.parametrize("present", ["missing", "corrupt"])
@@ -1229,12 +1077,12 @@ def test_restore_refuses_without_free_space(
     policy = make_policy(
         small_fs,
         state,
-        required=[{"name": "req.bin", "sha256": sha(good), "source": str(source)}],
+        required=[{"name": "req.bin", "sha256": sha256(good), "source": str(source)}],
     )
     before = tree(small_fs)
     outcome, logs = run_apply(plan_for(policy), small_fs, NoEngine())
     assert [a.name for a, _ in outcome.failed] == ["req.bin"]
-    (failed,) = events(logs, "action.failed")
+    (failed,) = matching(logs, "action.failed")
     assert "free space" in failed["error"]
     assert tree(small_fs) == before
 
@@ -1267,7 +1115,7 @@ def test_purge_expired_quarantine_items(root: Path, state: Path) -> None:
     assert [i.name for i in read_trash(str(root))] == ["old_c.bin"]
     assert sorted(os.listdir(root)) == [TRASH, "keep.gguf"]
     assert leftovers(root) == []
-    purged = sorted(events(logs, "trash.purged"), key=lambda e: e["trash_id"])
+    purged = sorted(matching(logs, "trash.purged"), key=lambda e: e["trash_id"])
     assert [(e["model"], e["bytes"], e["dest"], e["trash_id"]) for e in purged] == [
         ("old_a.bin", 100, "deleted", "20200101T000000Z-0001/old_a.bin"),
         ("old_dir", 75, "deleted", "20200101T000000Z-0002/old_dir"),
@@ -1280,7 +1128,7 @@ def test_purge_skips_item_held_by_process(root: Path, state: Path, tmp_path: Pat
     item = trash_item(root, "20200101T000000Z-0001", "old_a.bin", b"a" * 4096, trashed_at=0.0)
     with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, item / "old_a.bin") as child:
         outcome, logs = run_apply(plan_for(make_policy(root, state)), root, NoEngine())
-        assert [e["pids"] for e in events(logs, "model.busy")] == [[child.pid]]
+        assert [e["pids"] for e in matching(logs, "model.busy")] == [[child.pid]]
     assert outcome.done == ()
     assert (item / "old_a.bin").read_bytes() == b"a" * 4096
 
@@ -1357,7 +1205,7 @@ def test_recover_cleans_leftovers(root: Path) -> None:
     assert (garbled / "g.bin").read_bytes() == b"payload with bad record"
     assert (legacy / "l.bin").read_bytes() == b"l"
     assert (legacy_wrong / "other.bin").read_bytes() == b"w"
-    kept = events(logs, "recovery.kept")
+    kept = matching(logs, "recovery.kept")
     assert sorted((e["path"], e["unlisted"]) for e in kept) == [
         (f"{TRASH}/garbled-record", ["g.bin"]),
         (f"{TRASH}/legacy-wrong-payload", ["other.bin"]),
@@ -1365,7 +1213,7 @@ def test_recover_cleans_leftovers(root: Path) -> None:
         (f"{TRASH}/unlisted", ["stray.bin"]),
     ]
     assert all(e["log_level"] == "warning" for e in kept)
-    assert sorted(e["path"] for e in events(logs, "recovery.removed")) == sorted(cleaned)
+    assert sorted(e["path"] for e in matching(logs, "recovery.removed")) == sorted(cleaned)
     assert sorted(i.id for i in read_trash(str(root))) == [
         "complete/c.bin",
         "legacy/l.bin",
@@ -1392,8 +1240,8 @@ def _pending_changes(root: Path, state: Path, tmp_path: Path, **extra: Any) -> P
         root,
         state,
         required=[
-            {"name": "missing.bin", "sha256": sha(good), "source": str(source)},
-            {"name": "corrupt.bin", "sha256": sha(good), "source": str(source)},
+            {"name": "missing.bin", "sha256": sha256(good), "source": str(source)},
+            {"name": "corrupt.bin", "sha256": sha256(good), "source": str(source)},
         ],
         **extra,
     )
@@ -1411,7 +1259,7 @@ def test_dry_run_changes_nothing(root: Path, state: Path, tmp_path: Path) -> Non
     assert journal == []
     assert result.recovered == ()
     assert result.outcome == Outcome()
-    planned = events(logs, "action.planned")
+    planned = matching(logs, "action.planned")
     assert len(planned) == len(result.plan.actions) == 5
     assert all(e["dry_run"] is True for e in planned)
 
@@ -1483,8 +1331,8 @@ def _crash_setup(base: Path) -> tuple[Path, Path]:
         "model_dir": str(root),
         "state_dir": str(state),
         "required": [
-            {"name": "req.bin", "sha256": sha(GOOD_REQ), "source": str(src / "req.bin")},
-            {"name": "new.bin", "sha256": sha(GOOD_NEW), "source": str(src / "new.bin")},
+            {"name": "req.bin", "sha256": sha256(GOOD_REQ), "source": str(src / "req.bin")},
+            {"name": "new.bin", "sha256": sha256(GOOD_NEW), "source": str(src / "new.bin")},
         ],
         "whitelist": ["*.gguf"],
         "prune": {"prefixes": ["old_"], "min_age": "0s", "action": "delete", "max_fraction": 1.0},
@@ -1632,7 +1480,8 @@ def test_engine_cycled_lists_the_models_left_after_the_actions(
     for i in range(55):
         make_model(root, f"m_{i:02d}.bin")
     required = [
-        {"name": name, "sha256": sha(good), "source": str(source)} for name in ("a.bin", "req.bin")
+        {"name": name, "sha256": sha256(good), "source": str(source)}
+        for name in ("a.bin", "req.bin")
     ]
     the_plan = plan_for(make_policy(root, state, required=required))
     assert {a.name for a in the_plan.actions} == {"old_a.bin", "old_b.bin", "a.bin", "req.bin"}
@@ -1644,6 +1493,6 @@ def test_engine_cycled_lists_the_models_left_after_the_actions(
         p.name for p in root.iterdir() if not p.name.startswith(".") and p.name != "x.part"
     )
     assert "a.bin" in left and "req.bin" in left and "old_a.bin" not in left
-    (cycled,) = events(logs, "engine.cycled")
+    (cycled,) = matching(logs, "engine.cycled")
     assert cycled["ocrd_count"] == len(left) == 58
     assert cycled["ocrd_models"] == left[:LISTED]

@@ -3,92 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import make_model
 
 from ocrd.observe.handles import HandleIndex, Holder, build_index
-
-HOLD_FD = """
-import sys
-handles = [open(p, "rb") for p in sys.argv[1:]]
-print("ready", flush=True)
-sys.stdin.read()
-"""
-
-# Python's mmap.mmap keeps a dup of the descriptor, so map through libc as
-# llama.cpp does: the mapping stays, no descriptor is left.
-MAP_ONLY = """
-import ctypes, mmap, os
-
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [
-    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long
-]
-
-
-def map_only(path):
-    fd = os.open(path, os.O_RDONLY)
-    size = os.fstat(fd).st_size
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    os.close(fd)
-    if addr is None or addr == ctypes.c_void_p(-1).value:
-        raise OSError(ctypes.get_errno(), "mmap failed")
-    return addr
-"""
-
-HOLD_MMAP = (
-    MAP_ONLY
-    + """
-import sys
-maps = [map_only(p) for p in sys.argv[1:]]
-print("ready", flush=True)
-sys.stdin.read()
-"""
-)
-
-HOLD_BOTH = (
-    MAP_ONLY
-    + """
-import sys
-path = sys.argv[1]
-first, second = open(path, "rb"), open(path, "rb")
-mapped = map_only(path)
-print("ready", flush=True)
-sys.stdin.read()
-"""
-)
-
-
-@contextmanager
-def holder(tmp_path: Path, comm: str, script: str, *paths: Path) -> Iterator[subprocess.Popen[str]]:
-    """A child process named *comm* running *script* on *paths*, until the block ends."""
-    exe = tmp_path / comm
-    if not exe.exists():
-        exe.symlink_to(sys.executable)  # the kernel names the process after this link
-    proc = subprocess.Popen(
-        [str(exe), "-c", script, *map(str, paths)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert line.strip() == "ready", f"child {comm} did not get ready: {line!r}"
-        yield proc
-    finally:
-        proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+from tests.support.files import make_model
+from tests.support.procs import HOLD_BOTH, HOLD_FD, HOLD_MMAP, holder
 
 
 def key(path: Path) -> tuple[int, int]:

@@ -1,11 +1,12 @@
 """The daemon speaks systemd's notify protocol to a real AF_UNIX datagram socket bound in
 tmp_path: READY, STATUS, RELOADING, WATCHDOG and STOPPING, in order (DESIGN §6).
 
-The daemon harness lives in test_daemon.py.
+The daemon harness is tests/support/daemon.py, started by the `daemons` fixture.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -17,11 +18,14 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from types import TracebackType
 
 import pytest
-from conftest import make_model, wait_for
-from test_daemon import Daemon, Daemons, daemon_env, epoch, policy_data, save_policy
+
+from tests.support.daemon import Daemon, Daemons
+from tests.support.files import make_model
+from tests.support.logs import epoch
+from tests.support.policy import policy_data, save_policy
+from tests.support.wait import wait_for
 
 WATCHDOG_USEC = 600_000  # systemd's WatchdogSec=0.6s: a ping is due about every 0.3 s
 STATUS_LINE = re.compile(r"^STATUS=models=\d+ pending=\d+ busy=\d+ done=\d+")
@@ -52,17 +56,6 @@ class NotifySocket:
         self._thread.join()
         self.sock.close()
 
-    def __enter__(self) -> NotifySocket:
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def mark(self) -> int:
         return len(self.messages)
 
@@ -87,27 +80,10 @@ class NotifySocket:
 
 
 @pytest.fixture
-def daemons(env: dict[str, str], tmp_path: Path) -> Iterator[Daemons]:
-    with Daemons(daemon_env(env, tmp_path)) as group:
-        yield group
-
-
-@pytest.fixture
 def notify(tmp_path: Path) -> Iterator[NotifySocket]:
-    with NotifySocket(str(tmp_path / "notify.sock")) as sock:
+    """A socket standing in for systemd's, bound at tmp_path/notify.sock."""
+    with contextlib.closing(NotifySocket(str(tmp_path / "notify.sock"))) as sock:
         yield sock
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def policy(tmp_path: Path, models: Path) -> Path:
-    return save_policy(tmp_path / "etc" / "policy.yaml", policy_data(models))
 
 
 def start(
@@ -126,11 +102,11 @@ def start(
 
 
 def test_ready_after_the_first_cycle_and_stopping_last(
-    daemons: Daemons, notify: NotifySocket, policy: Path, models: Path
+    daemons: Daemons, notify: NotifySocket, saved_policy: Path, models: Path
 ) -> None:
     """READY=1 comes first, after the first cycle; STATUS= follows; STOPPING=1 comes last."""
     make_model(models, "keep.bin")
-    daemon = start(daemons, policy, notify)
+    daemon = start(daemons, saved_policy, notify)
     ready_at, ready = notify.wait("READY")
     assert notify.texts()[0] == ready
     assert epoch(daemon.cycles()[0]) <= ready_at
@@ -146,10 +122,10 @@ def test_ready_after_the_first_cycle_and_stopping_last(
 
 
 def test_status_after_every_cycle(
-    daemons: Daemons, notify: NotifySocket, policy: Path, models: Path
+    daemons: Daemons, notify: NotifySocket, saved_policy: Path, models: Path
 ) -> None:
     """Every cycle is followed by one STATUS= datagram with the counts of that cycle."""
-    daemon = start(daemons, policy, notify)
+    daemon = start(daemons, saved_policy, notify)
     for i in range(3):
         mark = daemon.mark()
         make_model(models, f"keep_{i}.bin")
@@ -164,10 +140,10 @@ def test_status_after_every_cycle(
 
 
 def test_reload_sends_reloading_with_monotonic_usec_then_ready(
-    daemons: Daemons, notify: NotifySocket, policy: Path
+    daemons: Daemons, notify: NotifySocket, saved_policy: Path
 ) -> None:
     """SIGHUP brings RELOADING=1 with MONOTONIC_USEC=now, then READY=1, then the cycle's STATUS."""
-    daemon = start(daemons, policy, notify)
+    daemon = start(daemons, saved_policy, notify)
     notify.wait("STATUS")
     mark = notify.mark()
     before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -182,13 +158,13 @@ def test_reload_sends_reloading_with_monotonic_usec_then_ready(
 
 
 def test_rejected_edit_still_answers_reloading_with_ready(
-    daemons: Daemons, notify: NotifySocket, policy: Path, models: Path
+    daemons: Daemons, notify: NotifySocket, saved_policy: Path, models: Path
 ) -> None:
     """A rejected policy edit is bracketed by RELOADING=1 and READY=1 saying it was rejected."""
-    daemon = start(daemons, policy, notify)
+    daemon = start(daemons, saved_policy, notify)
     notify.wait("STATUS")
     mark = notify.mark()
-    save_policy(policy, policy_data(models, prune={"min_age": "ten minutes"}))
+    save_policy(saved_policy, policy_data(models, prune={"min_age": "ten minutes"}))
     daemon.wait("policy.rejected")
     notify.wait("READY", after=mark)
     assert notify.kinds(mark)[:2] == ["RELOADING", "READY"]
@@ -197,12 +173,12 @@ def test_rejected_edit_still_answers_reloading_with_ready(
 
 @pytest.mark.parametrize("pid", ["unset", "own"])
 def test_watchdog_pings_at_half_the_interval(
-    daemons: Daemons, notify: NotifySocket, policy: Path, pid: str
+    daemons: Daemons, notify: NotifySocket, saved_policy: Path, pid: str
 ) -> None:
     """With WATCHDOG_USEC (and WATCHDOG_PID unset or ours) WATCHDOG=1 comes every half period."""
     # `exec` keeps the shell's pid, so $$ is the pid ocrd will have.
     wrapper = ["/bin/sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh"] if pid == "own" else []
-    daemon = start(daemons, policy, notify, wrapper=wrapper, WATCHDOG_USEC=str(WATCHDOG_USEC))
+    daemon = start(daemons, saved_policy, notify, wrapper=wrapper, WATCHDOG_USEC=str(WATCHDOG_USEC))
     assert daemon.pid == daemon.proc.pid
     mark = notify.mark()
     wait_for(lambda: len(notify.arrivals("WATCHDOG", mark)) >= 5, what="5 WATCHDOG=1")
@@ -215,11 +191,11 @@ def test_watchdog_pings_at_half_the_interval(
 
 
 def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
-    daemons: Daemons, notify: NotifySocket, policy: Path
+    daemons: Daemons, notify: NotifySocket, saved_policy: Path
 ) -> None:
     """WATCHDOG_PID naming another process means the watchdog is not ocrd's: no WATCHDOG=1."""
     env = {"WATCHDOG_USEC": str(WATCHDOG_USEC), "WATCHDOG_PID": str(os.getpid())}
-    start(daemons, policy, notify, **env)
+    start(daemons, saved_policy, notify, **env)
     notify.wait("STATUS")
     deadline = time.monotonic() + 4 * WATCHDOG_USEC / 2e6  # 4 pings would be due
     while time.monotonic() < deadline:
@@ -228,10 +204,10 @@ def test_no_watchdog_pings_when_watchdog_pid_names_another_process(
     assert notify.kinds()[:2] == ["READY", "STATUS"]
 
 
-def test_abstract_notify_socket(daemons: Daemons, policy: Path) -> None:
+def test_abstract_notify_socket(daemons: Daemons, saved_policy: Path) -> None:
     """NOTIFY_SOCKET starting with '@' names an abstract socket; READY and STOPPING arrive."""
-    with NotifySocket(f"\0ocrd-test-{uuid.uuid4().hex}") as notify:
-        daemon = start(daemons, policy, notify)
+    with contextlib.closing(NotifySocket(f"\0ocrd-test-{uuid.uuid4().hex}")) as notify:
+        daemon = start(daemons, saved_policy, notify)
         notify.wait("READY")
         assert daemon.stop()[0] == 0
         notify.wait("STOPPING")

@@ -8,32 +8,26 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import make_model
 
 import ocrd.observe.scan as scanning
 import ocrd.observe.trash as trash_reading
 from ocrd.core.errors import ModelDirError
-from ocrd.core.model import Kind
+from ocrd.core.model import Entry, Kind, ListedEntry
 from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
 from ocrd.observe.hashing import CACHE_FILE, HashCache
 from ocrd.observe.scan import no_gc_pauses, observe, scan
 from ocrd.observe.trash import Batch, read_batch, read_trash
+from tests.support.files import make_model
+from tests.support.policy import write_policy
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def root(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
 
 
 @pytest.fixture
@@ -141,18 +135,73 @@ def test_entries_not_examined_keep_kind_and_inode_only(root: Path, tmp_path: Pat
     (root / "keep_link").symlink_to(tmp_path)
     os.mkfifo(root / "keep_pipe")
 
-    entries = scan(root, examine=lambda name: name.startswith("old_")).by_name()
+    snap = scan(root, examine=lambda name: name.startswith("old_"))
+    entries = snap.by_name()
 
     old = entries["old_a.bin"]
     st = os.lstat(root / "old_a.bin")
+    assert isinstance(old, Entry)
     assert (old.size, old.mtime_ns, old.inode) == (5, st.st_mtime_ns, st.st_ino)
     kinds = {"keep.bin": Kind.FILE, "keep_dir": Kind.DIR, "keep_link": Kind.SYMLINK}
     kinds["keep_pipe"] = Kind.OTHER
     for name, kind in kinds.items():
-        entry = entries[name]
-        assert entry.kind is kind, name
-        assert entry.inode == os.lstat(root / name).st_ino, name
-        assert (entry.size, entry.mtime, entry.mtime_ns) == (None, None, None), name
+        inode = os.lstat(root / name).st_ino
+        # the kind and inode of the listing, and no size nor times to be read by mistake
+        assert entries[name] == ListedEntry(name=name, kind=kind, inode=inode, device=snap.device)
+        assert type(entries[name]) is ListedEntry, name
+
+
+def test_an_entry_not_examined_costs_no_lstat(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the names *examine* accepts are looked at: the others, and what lies below a
+    directory among them, are never stat'ed."""
+    make_model(root, "old_a.bin")
+    make_model(root, "keep.bin")
+    (root / "keep_dir").mkdir()
+    make_model(root / "keep_dir", "w.bin")
+    (root / "old_dir").mkdir()
+    make_model(root / "old_dir", "x.bin")
+    looked_at: list[str] = []
+    real_scandir, real_lstat = os.scandir, os.lstat
+
+    class Watched:
+        """A DirEntry that notes each stat of it."""
+
+        def __init__(self, child: os.DirEntry[str]) -> None:
+            self.child = child
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(self.child, attr)
+
+        def stat(self, *, follow_symlinks: bool = True) -> os.stat_result:
+            looked_at.append(os.path.basename(self.child.path))
+            return self.child.stat(follow_symlinks=follow_symlinks)
+
+    class WatchedListing:
+        """os.scandir's iterator, handing out Watched entries."""
+
+        def __init__(self, path: Any) -> None:
+            self.it = real_scandir(path)
+
+        def __enter__(self) -> WatchedListing:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.it.close()
+
+        def __iter__(self) -> Iterator[Watched]:
+            return (Watched(child) for child in self.it)
+
+    def watched_lstat(path: Any, **kwargs: Any) -> os.stat_result:
+        looked_at.append(os.path.basename(path))
+        return real_lstat(path, **kwargs)
+
+    monkeypatch.setattr(scanning.os, "scandir", WatchedListing)
+    monkeypatch.setattr(scanning.os, "lstat", watched_lstat)
+    snap = scan(root, examine=lambda name: name.startswith("old_"))
+    monkeypatch.undo()
+
+    assert [e.name for e in snap.entries] == ["keep.bin", "keep_dir", "old_a.bin", "old_dir"]
+    assert set(looked_at) - {TRASH} == {"old_a.bin", "old_dir", "x.bin"}
 
 
 @pytest.mark.parametrize("unmanaged", ["report", "prune"])
@@ -161,8 +210,6 @@ def test_observe_examines_what_the_policy_may_act_on(
 ) -> None:
     """Prefix matches and required models are looked at (all entries with unmanaged: prune),
     and the plan is the one a full scan gives."""
-    from conftest import write_policy
-
     from ocrd.config import load_policy
     from ocrd.core.plan import reconcile
 
@@ -185,7 +232,7 @@ def test_observe_examines_what_the_policy_may_act_on(
     policy = load_policy(write_policy(tmp_path / "policy.yaml", data)).policy
 
     seen = observe(policy, log=None)
-    looked_at = {e.name for e in seen.entries if e.size is not None}
+    looked_at = {e.name for e in seen.entries if isinstance(e, Entry)}
 
     everything = {"old_a.bin", "old_b.bin", "req.bin", "keep.gguf", "stray.bin", "stray_dir"}
     if unmanaged == "prune":
@@ -193,7 +240,7 @@ def test_observe_examines_what_the_policy_may_act_on(
     else:
         assert looked_at == {"old_a.bin", "old_b.bin", "req.bin"}
     full = observe(policy, log=None, full=True)
-    assert {e.name for e in full.entries if e.size is not None} == everything
+    assert {e.name for e in full.entries if isinstance(e, Entry)} == everything
     now = time.time()
     lazy_plan, full_plan = reconcile(policy, seen, now=now), reconcile(policy, full, now=now)
     assert lazy_plan.actions == full_plan.actions

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from ocrd.act.tree import mount_id, remove_at
+from ocrd.act.tree import remove_at
+from ocrd.openfile import mount_id
 
 ROOT = os.geteuid() == 0
 MOUNT, UMOUNT, CHATTR = (shutil.which(n) or n for n in ("mount", "umount", "chattr"))

@@ -10,7 +10,6 @@ must treat as links only.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import stat
@@ -21,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Result, make_model, write_policy
+
+from tests.support.cli import Result
+from tests.support.files import make_model
+from tests.support.logs import log_lines, matching
+from tests.support.policy import write_policy
 
 Run = Callable[..., Result]
 
@@ -293,14 +296,6 @@ CATALOGUE: list[Case] = [
 # fmt: on
 
 
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    (tmp_path / "etc").mkdir()
-    return path
-
-
 def _expected_prefix(case: Case, path: str) -> str:
     where = f"{path} (environment {case.env_var})" if case.env_var else path
     if case.line is not None:
@@ -317,13 +312,14 @@ def test_catalogue_has_at_least_40_entries() -> None:
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c.id for c in CATALOGUE])
 def test_hostile_policy_is_refused_with_one_clear_line_per_problem(
-    run_ocrd: Run, tmp_path: Path, models: Path, case: Case
+    run_ocrd: Run, tmp_path: Path, models: Path, policy: Path, case: Case
 ) -> None:
     """`ocrd check` exits with the documented code and says file, line and key, no traceback."""
+    assert policy == _policy_path(tmp_path)  # the fixture makes its dir, tmp_path/etc
     if case.build is not None:
         path = case.build(tmp_path)
     else:
-        path = _policy_path(tmp_path)
+        path = policy
         if case.text is not None:
             raw = case.text if isinstance(case.text, bytes) else case.text.encode()
             raw = raw.replace(MODELS.encode(), str(models).encode())
@@ -401,17 +397,13 @@ def _outside(tmp_path: Path) -> Path:
     return outside
 
 
-def _logs(out: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
-
-
 def _events(out: str, name: str) -> list[dict[str, Any]]:
-    return [e for e in _logs(out) if e["event"] == name]
+    return matching(log_lines(out), name)
 
 
 @pytest.mark.parametrize("mode", ["quarantine", "delete"])
 def test_symlinks_pointing_out_of_the_model_dir_are_pruned_as_links_only(
-    run_ocrd: Run, tmp_path: Path, models: Path, mode: str
+    run_ocrd: Run, tmp_path: Path, models: Path, policy: Path, mode: str
 ) -> None:
     """`ocrd apply` prunes prunable symlinks to outside files and dirs; the targets stay as is."""
     outside = _outside(tmp_path)
@@ -423,8 +415,8 @@ def test_symlinks_pointing_out_of_the_model_dir_are_pruned_as_links_only(
     for name, target in links.items():
         (models / name).symlink_to(target)
     make_model(models, "keep.bin", b"keep")
-    policy = write_policy(
-        tmp_path / "etc" / "policy.yaml",
+    write_policy(
+        policy,
         {
             "model_dir": str(models),
             "state_dir": str(tmp_path / "state"),
@@ -455,7 +447,7 @@ def test_symlinks_pointing_out_of_the_model_dir_are_pruned_as_links_only(
 
 @pytest.mark.parametrize("with_source", [False, True], ids=["no-source", "with-source"])
 def test_required_symlink_with_a_pin_is_not_followed_for_hashing(
-    run_ocrd: Run, tmp_path: Path, models: Path, with_source: bool
+    run_ocrd: Run, tmp_path: Path, models: Path, policy: Path, with_source: bool
 ) -> None:
     """A pinned required model that is a symlink is corrupt even if its target matches the pin."""
     outside = _outside(tmp_path)
@@ -466,8 +458,8 @@ def test_required_symlink_with_a_pin_is_not_followed_for_hashing(
         mirror = tmp_path / "mirror"
         mirror.mkdir()
         required["source"] = str(make_model(mirror, "need.bin", PASSWD))
-    policy = write_policy(
-        tmp_path / "etc" / "policy.yaml",
+    write_policy(
+        policy,
         {
             "model_dir": str(models),
             "state_dir": str(tmp_path / "state"),

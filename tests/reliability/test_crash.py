@@ -42,9 +42,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import OCRD
 
 from ocrd.observe.hashing import BLOCK  # the copy chunk: a bigger source takes several writes
+from tests.support.cli import OCRD
+from tests.support.daemon import Daemon, Daemons, daemon_env
+from tests.support.trash import trash_batch, trash_item, write_tree
 
 STRACE = shutil.which("strace")
 pytestmark = pytest.mark.skipif(STRACE is None, reason="strace is not installed")
@@ -81,7 +83,6 @@ DAEMON_STRACE = 16  # seeded (syscall, N) points of the first cycle; the soak wa
 DAEMON_RANDOM = 500 if SOAK else 15
 DAEMON_BURSTS = 500 if SOAK else 12
 DEBOUNCE = 0.1
-SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
 LONG = 0 if SOAK else 600  # pytest-timeout seconds (0: none) for the long tests
 
 TRASH = ".ocrd-trash"
@@ -267,50 +268,6 @@ def _read_record(
 # --------------------------------------------------------------------------- the scenario
 
 
-def _write_tree(base: Path, tree: dict[str, bytes | None]) -> None:
-    """Files (bytes) and empty directories (None) under *base*, by relative path."""
-    base.mkdir(parents=True, exist_ok=True)
-    for rel, data in tree.items():
-        path = base / rel
-        if data is None:
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
-
-
-def _trash_item(root: Path, item_id: str, name: str, tree: dict[str, bytes | None] | bytes,
-                trashed_at: float) -> Path:  # fmt: skip
-    """A legacy (v1) quarantine item: one model and its record.json in a dir of its own."""
-    item = root / TRASH / item_id
-    item.mkdir(parents=True)
-    _write_payload(item / name, tree)
-    record = {"name": name, "trashed_at": trashed_at, "reason": "test", "size": 1, "sha256": None}
-    (item / LEGACY_RECORD).write_text(json.dumps(record), encoding="utf-8")
-    return item / name
-
-
-def _trash_batch(root: Path, batch_id: str, models: dict[str, dict[str, bytes | None] | bytes],
-                 trashed_at: float, never_moved: tuple[str, ...] = ()) -> list[Path]:  # fmt: skip
-    """A v2 quarantine batch: *models* moved in, *never_moved* only listed in its record."""
-    batch = root / TRASH / batch_id
-    batch.mkdir(parents=True)
-    for name, tree in models.items():
-        _write_payload(batch / name, tree)
-    items = [{"name": name, "reason": "test", "size": 1, "sha256": None}
-             for name in [*models, *never_moved]]  # fmt: skip
-    record = {"version": 2, "trashed_at": trashed_at, "items": items}
-    (batch / RECORD).write_text(json.dumps(record), encoding="utf-8")
-    return [batch / name for name in models]
-
-
-def _write_payload(path: Path, tree: dict[str, bytes | None] | bytes) -> None:
-    if isinstance(tree, bytes):
-        path.write_bytes(tree)
-    else:
-        _write_tree(path, tree)
-
-
 def build_scenario(base: Path, mode: str, rng: random.Random) -> Scenario:
     """The model dir every run starts from, with *mode* as prune.action."""
 
@@ -360,18 +317,19 @@ def build_scenario(base: Path, mode: str, rng: random.Random) -> Scenario:
         if isinstance(data, bytes):
             (root / name).write_bytes(data)
         else:
-            _write_tree(root / name, data)
+            write_tree(root / name, data)
     (root / "old_link").symlink_to(outside)
     # Expired: a legacy item and a batch of two (whose record also lists a model that never
     # moved in), both purged; recent: a legacy item, kept.
-    expired_file = _trash_item(root, "20200101T000000Z-expired1", "old_gone.bin",
-                               blob(1, 5000), trashed_at=0.0)  # fmt: skip
+    expired_file = trash_item(root, "20200101T000000Z-expired1", "old_gone.bin",
+                              blob(1, 5000), trashed_at=0.0) / "old_gone.bin"  # fmt: skip
     gone_dir = {"p.bin": blob(1, 5000), "q/r.bin": blob(1, 5000)}
-    expired_batch = _trash_batch(root, "20200101T000000Z-expired2",
-                                 {"old_gone_dir": gone_dir, "old_gone_too.bin": blob(1, 5000)},
-                                 trashed_at=1.0, never_moved=("old_never_moved.bin",))  # fmt: skip
-    recent = _trash_item(root, "20991231T000000Z-recent", "old_recent.bin", blob(1, 5000),
-                         trashed_at=time.time() - 3600)  # fmt: skip
+    expired_models = {"old_gone_dir": gone_dir, "old_gone_too.bin": blob(1, 5000)}
+    expired = trash_batch(root, "20200101T000000Z-expired2", expired_models, trashed_at=1.0,
+                          never_moved=("old_never_moved.bin",))  # fmt: skip
+    expired_batch = [expired / name for name in expired_models]
+    recent = trash_item(root, "20991231T000000Z-recent", "old_recent.bin", blob(1, 5000),
+                        trashed_at=time.time() - 3600) / "old_recent.bin"  # fmt: skip
 
     manifest: dict[str, Model] = {}
 
@@ -458,13 +416,13 @@ class Harness:
                           for mode in MODES}  # fmt: skip
         self.base = base / "runs"
         self.base.mkdir()
-        self.env = {k: v for k, v in env.items() if k not in SERVICE_VARS}
+        self.env = daemon_env(env, runtime=None)
         self.env |= {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
         self.kills: collections.Counter[str] = collections.Counter()
         self._lock = threading.Lock()
         self._jobs = 0
         self.abort = threading.Event()  # set when one parallel job failed: the rest stop
-        self.lives: list[Live] = []
+        self.daemons = Daemons(self.env)  # every `ocrd` started in the background
 
     def count(self, kind: str) -> None:
         with self._lock:
@@ -488,17 +446,12 @@ class Harness:
     def done(self, job: Job) -> None:
         shutil.rmtree(job.dir)
 
-    def live(self, job: Job, *args: str, prefix: tuple[str, ...] = ()) -> Live:
+    def live(self, job: Job, *args: str, prefix: tuple[str, ...] = ()) -> Daemon:
         """Start `ocrd ARGS` on *job* in the background, reading its log as it comes."""
-        live = Live([*prefix, OCRD, "--config", str(job.policy), *args], self.env,
-                    job.dir / "stderr")  # fmt: skip
-        with self._lock:
-            self.lives.append(live)
-        return live
+        return self.daemons.launch(job.policy, *args, wrapper=prefix, stderr=job.dir / "stderr")
 
     def close(self) -> None:
-        for live in self.lives:
-            live.close()
+        self.daemons.close()
 
     def run(self, job: Job, *args: str, prefix: tuple[str, ...] = ()) -> Ran:
         proc = subprocess.run(
@@ -569,81 +522,6 @@ def traced_calls(path: Path, pid: int | None = None) -> list[tuple[str, str]]:
         if paren and name.isidentifier() and (pid is None or int(tid) == pid):
             calls.append((name, args))
     return calls
-
-
-class Live:
-    """A running ocrd whose JSON log lines are read as they come."""
-
-    def __init__(self, argv: list[str], env: dict[str, str], stderr: Path) -> None:
-        self.started = time.monotonic()
-        self._err = stderr.open("wb")
-        self.proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self._err, env=env
-        )
-        self.lines: list[dict[str, Any]] = []
-        self.first_line_at: float | None = None
-        self.ended = False
-        self.ended_at: float | None = None  # when its stdout closed: it exited
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            try:
-                line = json.loads(raw)
-            except ValueError:
-                line = {"event": "noise", "text": raw.decode(errors="replace")}
-            with self._cond:
-                if self.first_line_at is None:
-                    self.first_line_at = time.monotonic()
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self.ended, self.ended_at = True, time.monotonic()
-            self._cond.notify_all()
-
-    def wait_until(self, predicate: Callable[[], bool], what: str, timeout: float = 60) -> None:
-        """Block until *predicate* holds (checked on every log line and at EOF)."""
-        with self._cond:
-            if not self._cond.wait_for(predicate, timeout=timeout):
-                raise AssertionError(f"timed out waiting for {what}: {self.lines[-10:]}")
-
-    def seen(self, event: str) -> list[dict[str, Any]]:
-        return [line for line in self.lines if line.get("event") == event]
-
-    def converged(self) -> bool:
-        """A cycle that did everything it planned."""
-        return any(
-            c["planned"] == c["done"] and not c["failed"] and not c["skipped"]
-            for c in self.seen("cycle.finished")
-        )
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-
-    def finish(self, timeout: float = 60) -> int:
-        code = self.proc.wait(timeout=timeout)
-        self._reader.join(timeout=10)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-        self._err.close()
-        return code
-
-    def close(self) -> None:
-        """Never leave an ocrd behind (a killed strace would leave its tracee running)."""
-        if self.proc.poll() is None:
-            for line in self.seen("daemon.started"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(line["pid"]), signal.SIGKILL)
-            self.kill()
-        if not self._err.closed:
-            self.finish()
-
-    def __str__(self) -> str:
-        err = Path(self._err.name).read_text(encoding="utf-8", errors="replace")
-        return f"rc={self.proc.poll()} log tail={self.lines[-8:]} stderr={err[-2000:]}"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -834,15 +712,14 @@ def test_apply_killed_at_random_instants(harness: Harness) -> None:
 # --------------------------------------------------------------------------- ocrd run
 
 
-def start_daemon(h: Harness, job: Job, prefix: tuple[str, ...] = ()) -> Live:
+def start_daemon(h: Harness, job: Job, prefix: tuple[str, ...] = ()) -> Daemon:
     return h.live(job, "run", prefix=prefix)
 
 
-def stop_daemon(live: Live) -> None:
+def stop_daemon(live: Daemon) -> None:
     """SIGTERM ocrd itself (not a strace wrapper around it), unless it died meanwhile."""
-    pid = int(live.seen("daemon.started")[0]["pid"])
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
+        live.send(signal.SIGTERM)
 
 
 def daemon_point(h: Harness, mode: str, syscall: str, n: int) -> bool:

@@ -9,7 +9,6 @@ with an engine that raises (the daemon builds its engine from the policy). Root 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -18,279 +17,35 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import structlog
-from conftest import OCRD, Result, make_model, wait_for
-from daemonkit import DEBOUNCE, epoch, policy_data, read_status, save_policy
 from structlog.testing import capture_logs
 
 from ocrd.config import load_policy
 from ocrd.cycle import run_cycle
 from ocrd.engine.base import EngineError
 from ocrd.engine.none import NoEngine
+from tests.support.cli import OCRD, Result, ocrd
+from tests.support.daemon import CAP, Daemons
+from tests.support.files import digest, leftovers, make_model, sha256
+from tests.support.logs import epoch, log_lines
+from tests.support.mounts import CAN_MOUNT, MOUNT
+from tests.support.policy import policy_data, read_status, save_policy, status_when
+from tests.support.wait import wait_for
 
-CAP = 5 * DEBOUNCE  # the daemon's cap on settling while events keep coming
-QUIET = CAP + 0.4  # no cycle for this long: the daemon has come to rest
-SERVICE_VARS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RUNTIME_DIRECTORY")
-LEFTOVERS = (".ocrd-tmp-", ".ocrd-deleting-")
 QUEUE_SYSCTL = Path("/proc/sys/fs/inotify/max_queued_events")
+SETTLE = 20.0  # seconds the daemon may take to come to rest after a fault
 
-CHATTR, MOUNT, UMOUNT, STRACE = (shutil.which(n) for n in ("chattr", "mount", "umount", "strace"))
+STRACE = shutil.which("strace")
 ROOT = os.geteuid() == 0
-needs_mount = pytest.mark.skipif(
-    not ROOT or MOUNT is None or UMOUNT is None, reason="mounts a tmpfs: needs root and mount"
-)
-
-
-# -- the daemon as a subprocess ------------------------------------------------------------
-
-
-class Daemon:
-    """One `ocrd run` and every JSON line it logged (read by a thread as it comes)."""
-
-    def __init__(self, argv: Sequence[str], env: dict[str, str]) -> None:
-        self.events: list[dict[str, Any]] = []
-        self.noise: list[str] = []
-        self.stderr: list[str] = []
-        self.proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=env,
-        )
-        self._readers = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, True), daemon=True),
-            threading.Thread(target=self._read, args=(self.proc.stderr, False), daemon=True),
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, is_stdout: bool) -> None:
-        for line in stream:
-            if not is_stdout:
-                self.stderr.append(line)
-                continue
-            try:
-                self.events.append(json.loads(line))
-            except ValueError:
-                self.noise.append(line)
-
-    def __repr__(self) -> str:
-        names = [e["event"] for e in self.events]
-        return (
-            f"Daemon(rc={self.proc.poll()}, events={names[-60:]}, "
-            f"stderr={''.join(self.stderr)[-2000:]!r}, noise={self.noise[:5]!r})"
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def mark(self) -> int:
-        """A position in the log: pass it as *after* to look only at what came later."""
-        return len(self.events)
-
-    def seen(
-        self,
-        event: str,
-        *,
-        after: int = 0,
-        where: Callable[[dict[str, Any]], bool] | None = None,
-        **fields: Any,
-    ) -> list[dict[str, Any]]:
-        return [
-            e
-            for e in self.events[after:]
-            if e["event"] == event
-            and all(e.get(k) == v for k, v in fields.items())
-            and (where is None or where(e))
-        ]
-
-    def cycles(self, after: int = 0) -> list[dict[str, Any]]:
-        return self.seen("cycle.finished", after=after)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def wait(
-        self,
-        event: str,
-        *,
-        after: int = 0,
-        timeout: float = 10.0,
-        where: Callable[[dict[str, Any]], bool] | None = None,
-        **fields: Any,
-    ) -> dict[str, Any]:
-        """The first *event* (with these fields) logged after *after*; fails on a deadline."""
-
-        def found() -> list[dict[str, Any]]:
-            hits = self.seen(event, after=after, where=where, **fields)
-            if not hits and not self.alive():
-                for reader in self._readers:
-                    reader.join(timeout=5)
-                hits = self.seen(event, after=after, where=where, **fields)
-                if not hits:
-                    raise AssertionError(f"ocrd ended before logging {event} {fields}: {self!r}")
-            return hits
-
-        try:
-            return wait_for(found, timeout=timeout, what=f"{event} {fields}")[0]
-        except AssertionError as exc:
-            raise AssertionError(f"{exc}; {self!r}") from None
-
-    def settle(self, *, quiet: float = QUIET, timeout: float = 20.0) -> int:
-        """Wait until no cycle finished for *quiet* seconds; the number of cycles so far."""
-        deadline = time.monotonic() + timeout
-        count, changed = len(self.cycles()), time.monotonic()
-        while time.monotonic() - changed < quiet:
-            assert time.monotonic() < deadline, f"cycles never stopped: {self!r}"
-            assert self.alive(), f"ocrd ended: {self!r}"
-            time.sleep(0.02)
-            now = len(self.cycles())
-            if now != count:
-                count, changed = now, time.monotonic()
-        return count
-
-    def stop(self, signum: int = signal.SIGTERM, *, timeout: float = 10.0) -> tuple[int, float]:
-        """Send *signum*; the exit code and how long ocrd took to end."""
-        started = time.monotonic()
-        os.kill(self.pid, signum)
-        code = self.proc.wait(timeout=timeout)
-        elapsed = time.monotonic() - started
-        for reader in self._readers:
-            reader.join(timeout=5)
-        return code, elapsed
-
-    def kill(self) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, signal.SIGCONT)  # in case a test left it stopped
-            self.proc.kill()
-        self.proc.wait(timeout=10)
-        for reader in self._readers:
-            reader.join(timeout=5)
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream is not None:
-                stream.close()
-
-
-Start = Callable[..., Daemon]
-
-
-@pytest.fixture
-def denv(env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """The daemon's environment: no service-manager variables; status in tmp_path/run."""
-    clean = {k: v for k, v in env.items() if k not in SERVICE_VARS}
-    clean["RUNTIME_DIRECTORY"] = str(tmp_path / "run")
-    return clean
-
-
-@pytest.fixture
-def start(denv: dict[str, str]) -> Iterator[Start]:
-    """start(policy, *args, env=None, first_cycle=True): an `ocrd run`, killed at the end."""
-    started: list[Daemon] = []
-
-    def run(
-        policy: Path,
-        *args: str,
-        env: dict[str, str] | None = None,
-        first_cycle: bool = True,
-    ) -> Daemon:
-        daemon = Daemon([OCRD, "--config", str(policy), "run", *args], env or denv)
-        started.append(daemon)
-        daemon.wait("daemon.started", timeout=20)
-        if first_cycle:
-            daemon.wait("cycle.finished")
-        return daemon
-
-    try:
-        yield run
-    finally:
-        for daemon in started:
-            daemon.kill()
-
-
-@pytest.fixture
-def models(tmp_path: Path) -> Path:
-    path = tmp_path / "models"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def policy(tmp_path: Path) -> Path:
-    """Where the policy goes: a directory of its own, as /etc/ocrd is."""
-    path = tmp_path / "etc" / "policy.yaml"
-    path.parent.mkdir()
-    return path
-
-
-@pytest.fixture
-def status_file(tmp_path: Path) -> Path:
-    return tmp_path / "run" / "status.json"
-
-
-@pytest.fixture
-def immutable() -> Iterator[Callable[[Path, bool], None]]:
-    """immutable(path, on): chattr +i / -i; every flag set is removed at the end."""
-    if CHATTR is None:
-        pytest.skip("chattr is not installed: cannot make a path un-renamable for root")
-    chattr = CHATTR
-    flagged: list[Path] = []
-
-    def flag(path: Path, on: bool = True) -> None:
-        proc = subprocess.run(
-            [chattr, "+i" if on else "-i", str(path)], capture_output=True, text=True, check=False
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"chattr {'+' if on else '-'}i does not work here: {proc.stderr.strip()}")
-        if on:
-            flagged.append(path)
-
-    try:
-        yield flag
-    finally:
-        for path in flagged:
-            subprocess.run([chattr, "-i", str(path)], capture_output=True, check=False)
-
-
-@pytest.fixture
-def tmpfs() -> Iterator[Callable[[Path, str], None]]:
-    """tmpfs(path, size): mount a tmpfs there; lazily unmounted at the end."""
-    mounted: list[Path] = []
-
-    def mount(path: Path, size: str) -> None:
-        assert MOUNT is not None
-        proc = subprocess.run(
-            [MOUNT, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
-        mounted.append(path)
-
-    try:
-        yield mount
-    finally:
-        assert UMOUNT is not None or not mounted
-        for path in reversed(mounted):
-            # Lazily: a daemon killed a moment ago may still hold its lock file open.
-            subprocess.run([str(UMOUNT), "--lazy", str(path)], capture_output=True, check=False)
+needs_mount = pytest.mark.skipif(not CAN_MOUNT, reason="mounts a tmpfs: needs root and mount")
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def trash_batches(root: Path) -> dict[str, tuple[set[str] | None, set[str]]]:
@@ -346,10 +101,6 @@ def account(root: Path, expected: dict[str, bytes]) -> dict[str, str]:
     return where
 
 
-def leftovers(root: Path) -> list[str]:
-    return sorted(n for n in os.listdir(root) if n.startswith(LEFTOVERS))
-
-
 def failed_for(model: str, *, words: str) -> Callable[[dict[str, Any]], bool]:
     """Matches an `action.failed` line for *model* whose error matches *words*."""
     return lambda e: e.get("model") == model and re.search(words, e.get("error", "")) is not None
@@ -360,11 +111,11 @@ def failed_for(model: str, *, words: str) -> Callable[[dict[str, Any]], bool]:
 
 @pytest.mark.skipif(not ROOT, reason="chattr +i needs root")
 def test_immutable_model_fails_alone_and_is_pruned_once_the_flag_is_gone(
-    start: Start,
+    daemons: Daemons,
     models: Path,
     policy: Path,
     status_file: Path,
-    immutable: Callable[[Path, bool], None],
+    immutable: Callable[..., None],
 ) -> None:
     """A model that cannot be moved (EPERM) fails alone, is retried, and goes once it can."""
     data = {"keep.bin": b"keep", "old_stuck": b"stuck" * 100, "old_free": b"free" * 50}
@@ -373,15 +124,13 @@ def test_immutable_model_fails_alone_and_is_pruned_once_the_flag_is_gone(
     immutable(models / "old_stuck", True)
     save_policy(policy, policy_data(models))
 
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     daemon.wait("model.pruned", model="old_free")
     first = daemon.wait("action.failed", where=failed_for("old_stuck", words="not permitted"))
     assert first["level"] == "error" and first["action"] == "prune", first
     retried = daemon.events.index(first) + 1
     daemon.wait("action.failed", after=retried, model="old_stuck")  # retried, not given up
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["degraded"] and d, what="degraded status"
-    )
+    doc = status_when(status_file, lambda d: d["degraded"], what="degraded status")
     assert any("old_stuck" in r for r in doc["degraded_reasons"]), doc["degraded_reasons"]
     assert (models / "old_stuck").read_bytes() == data["old_stuck"]
     assert daemon.alive()
@@ -390,7 +139,7 @@ def test_immutable_model_fails_alone_and_is_pruned_once_the_flag_is_gone(
     pruned = daemon.wait("model.pruned", model="old_stuck", timeout=15)
     assert pruned["bytes"] == len(data["old_stuck"])
     assert account(models, data) == {"keep.bin": "dir", "old_stuck": "trash", "old_free": "trash"}
-    daemon.settle()
+    daemon.settle(timeout=SETTLE)
     batches = trash_batches(models)  # no incomplete or empty batch left
     assert all(payloads and payloads <= (listed or set()) for listed, payloads in batches.values())
     assert sorted(n for _, payloads in batches.values() for n in payloads) == [
@@ -398,19 +147,17 @@ def test_immutable_model_fails_alone_and_is_pruned_once_the_flag_is_gone(
         "old_stuck",
     ]
     assert leftovers(models) == []
-    wait_for(
-        lambda: (d := read_status(status_file)) and not d["degraded"], what="healthy status again"
-    )
+    status_when(status_file, lambda d: not d["degraded"], what="healthy status again")
     assert daemon.alive()
 
 
 @pytest.mark.skipif(not ROOT, reason="chattr +i needs root")
 def test_immutable_model_dir_fails_prunes_and_restores_then_converges(
-    start: Start,
+    daemons: Daemons,
     models: Path,
     policy: Path,
     tmp_path: Path,
-    immutable: Callable[[Path, bool], None],
+    immutable: Callable[..., None],
 ) -> None:
     """In a dir where nothing can be created or removed, prune and restore fail, nothing half."""
     data = {"keep.bin": b"keep", "old_a": b"old" * 1000}
@@ -419,11 +166,11 @@ def test_immutable_model_dir_fails_prunes_and_restores_then_converges(
     good = os.urandom(100_000)
     source = make_model(tmp_path, "mirror.bin", good)
     save_policy(policy, policy_data(models, prune={"prefixes": ["zzz_"]}))
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     immutable(models, True)
 
     mark = daemon.mark()
-    required = [{"name": "need.bin", "sha256": sha(good), "source": str(source)}]
+    required = [{"name": "need.bin", "sha256": sha256(good), "source": str(source)}]
     save_policy(policy, policy_data(models, required=required))
     daemon.wait("policy.reloaded", after=mark)
     daemon.wait("action.failed", after=mark, where=failed_for("need.bin", words="not permitted"))
@@ -447,23 +194,23 @@ def test_immutable_model_dir_fails_prunes_and_restores_then_converges(
 @pytest.mark.root
 @needs_mount
 def test_restore_that_does_not_fit_is_refused_whole_and_done_after_the_disk_grows(
-    start: Start,
+    daemons: Daemons,
     models: Path,
     policy: Path,
     tmp_path: Path,
-    tmpfs: Callable[[Path, str], None],
+    tmpfs_at: Callable[[Path, str], None],
 ) -> None:
     """A restore bigger than the free space is refused before writing; after a grow it lands."""
-    tmpfs(models, "2m")
+    tmpfs_at(models, "2m")
     big = os.urandom(3 * 1024 * 1024)  # bigger than the whole filesystem
     source = make_model(tmp_path, "mirror.bin", big)
     data = {"keep.bin": b"keep" * 1000, "old_a": b"old" * 1000}
     for name, content in data.items():
         make_model(models, name, content)
-    required = [{"name": "need.bin", "sha256": sha(big), "source": str(source)}]
+    required = [{"name": "need.bin", "sha256": sha256(big), "source": str(source)}]
     save_policy(policy, policy_data(models, required=required))
 
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     failed = daemon.wait("action.failed", where=failed_for("need.bin", words=r"free space"))
     assert failed["action"] == "restore"
     assert re.search(r"\d+ bytes free", failed["error"]), failed
@@ -489,10 +236,10 @@ def test_quarantine_on_a_full_disk_fails_closed_and_leaves_no_batch(
     models: Path,
     policy: Path,
     run_ocrd: Callable[..., Result],
-    tmpfs: Callable[[Path, str], None],
+    tmpfs_at: Callable[[Path, str], None],
 ) -> None:
     """With no room for the quarantine record, nothing moves, each prune fails, no dir is left."""
-    tmpfs(models, "1m")
+    tmpfs_at(models, "1m")
     data = {"keep.bin": b"keep" * 100, "old_a": b"a" * 100, "old_b": b"b" * 100}
     for name, content in data.items():
         make_model(models, name, content)
@@ -532,14 +279,14 @@ def test_quarantine_on_a_full_disk_fails_closed_and_leaves_no_batch(
     ],
 )
 def test_model_dir_deleted_then_a_file_then_recreated_is_survived(
-    start: Start, models: Path, policy: Path, tmp_path: Path, status_file: Path, resync: str
+    daemons: Daemons, models: Path, policy: Path, tmp_path: Path, status_file: Path, resync: str
 ) -> None:
     """Deleting the model dir, putting a file at its path and re-creating it never crashes ocrd."""
     data = {"keep.bin": b"keep" * 10, "other.bin": b"other" * 10}
     for name, content in data.items():
         make_model(models, name, content)
     save_policy(policy, policy_data(models, reconcile={"resync": resync}))
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     stash = tmp_path / "stash"
     stash.mkdir()
 
@@ -551,8 +298,9 @@ def test_model_dir_deleted_then_a_file_then_recreated_is_survived(
 
     models.write_bytes(b"not a directory")
     since = time.time()
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["updated_at"] > since and d,
+    doc = status_when(
+        status_file,
+        lambda d: d["updated_at"] > since,
         timeout=10,
         what="another look at the model dir (a retry with backoff) while it is a file",
     )
@@ -611,13 +359,13 @@ POLICY_FAULTS = {
 
 @pytest.mark.parametrize("fault", list(POLICY_FAULTS))
 def test_broken_policy_file_is_rejected_and_the_last_good_one_stays(
-    start: Start, models: Path, policy: Path, status_file: Path, fault: str
+    daemons: Daemons, models: Path, policy: Path, status_file: Path, fault: str
 ) -> None:
     """A deleted, empty, directory or dangling policy is rejected; the old rules keep working."""
     breaks, words = POLICY_FAULTS[fault]
     save_policy(policy, policy_data(models))
-    good = sha(policy.read_bytes())
-    daemon = start(policy)
+    good = digest(policy)
+    daemon = daemons.start(policy)
 
     mark = daemon.mark()
     breaks(policy)
@@ -625,15 +373,13 @@ def test_broken_policy_file_is_rejected_and_the_last_good_one_stays(
     assert rejected["level"] == "error" and rejected["kept"] == good, rejected
     assert str(policy) in rejected["errors"][0]
     assert re.search(words, " ".join(rejected["errors"])), rejected
-    shown = wait_for(
-        lambda: (d := read_status(status_file)) and d["policy"]["rejected"] and d,
-        what="the rejection in the status file",
+    shown = status_when(
+        status_file, lambda d: d["policy"]["rejected"], what="the rejection in the status file"
     )
     since = shown["updated_at"]
     os.kill(daemon.pid, signal.SIGHUP)  # a forced reload must not bring in defaults either
-    doc = wait_for(
-        lambda: (d := read_status(status_file)) and d["updated_at"] > since and d,
-        what="the status after SIGHUP",
+    doc = status_when(
+        status_file, lambda d: d["updated_at"] > since, what="the status after SIGHUP"
     )
     assert doc["policy"]["digest"] == good and doc["policy"]["rejected"], doc["policy"]
     assert doc["degraded"] is True
@@ -647,14 +393,15 @@ def test_broken_policy_file_is_rejected_and_the_last_good_one_stays(
     if policy.is_dir() and not policy.is_symlink():
         policy.rmdir()
     save_policy(policy, policy_data(models, prune={"prefixes": ["new_"]}))
-    daemon.wait("policy.reloaded", after=mark, digest=sha(policy.read_bytes()))
+    daemon.wait("policy.reloaded", after=mark, digest=digest(policy))
     daemon.wait("model.pruned", after=mark, model="new_a")
     assert account(models, {"old_a": b"stale", "new_a": b"fresh"}) == {
         "old_a": "trash",
         "new_a": "trash",
     }
-    wait_for(
-        lambda: (d := read_status(status_file)) and d["policy"]["rejected"] is None,
+    status_when(
+        status_file,
+        lambda d: d["policy"]["rejected"] is None,
         what="the rejection cleared from the status",
     )
     assert daemon.alive()
@@ -706,7 +453,7 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
             proc.kill()
             proc.communicate()
 
-    logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    logs = log_lines(out)
     assert proc.returncode == 1, (out, err)  # not converged: a target was skipped
     changed = [e for e in logs if e["event"] == "model.changed"]
     assert [(e["model"], e["reason"]) for e in changed] == [("old_a", "replaced since the scan")]
@@ -715,14 +462,7 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
     assert (tmp_path / "moved-away").read_bytes() == b"original bytes"
     assert leftovers(models) == []
 
-    again = subprocess.run(
-        [OCRD, "--config", str(policy), "apply"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
-        check=False,
-    )
+    again = ocrd("--config", policy, "apply", env=env)
     assert again.returncode == 0, again
     assert not (models / "old_a").exists()
     replacement = {"old_a": b"a replacement written meanwhile", "keep.bin": b"keep"}
@@ -737,12 +477,12 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
 
 @pytest.mark.parametrize("how", ["under-a-file", "immutable"])
 def test_unwritable_state_dir_warns_and_cycles_still_verify_pins(
-    start: Start,
-    env: dict[str, str],
+    daemons: Daemons,
+    plain_denv: dict[str, str],
     models: Path,
     policy: Path,
     tmp_path: Path,
-    immutable: Callable[[Path, bool], None],
+    immutable: Callable[..., None],
     how: str,
 ) -> None:
     """With no writable state dir, cycles run on, warn, and still check every pin."""
@@ -760,13 +500,11 @@ def test_unwritable_state_dir_warns_and_cycles_still_verify_pins(
     make_model(models, "good.bin", good)
     make_model(models, "bad.bin", bad)
     required = [
-        {"name": "good.bin", "sha256": sha(good)},
-        {"name": "bad.bin", "sha256": sha(b"what bad.bin should hold")},
+        {"name": "good.bin", "sha256": sha256(good)},
+        {"name": "bad.bin", "sha256": sha256(b"what bad.bin should hold")},
     ]
     save_policy(policy, policy_data(models, state_dir=str(state), required=required))
-    no_runtime = {k: v for k, v in env.items() if k not in SERVICE_VARS}  # status -> state dir
-
-    daemon = start(policy, env=no_runtime)
+    daemon = daemons.start(policy, env=plain_denv)  # the status goes to the state dir
     assert daemon.wait("hashcache.unwritable")["level"] == "warning"
     assert daemon.wait("status.unwritable")["level"] == "warning"
     corrupt = daemon.wait("model.corrupt")
@@ -789,7 +527,7 @@ def test_unwritable_state_dir_warns_and_cycles_still_verify_pins(
     status = wait_for(lambda: read_status(state / "status.json"), what="status in the state dir")
     assert status["pid"] == daemon.pid
     hashes = json.loads((state / "hashes.json").read_text())["hashes"]
-    assert sha(good) in hashes.values()
+    assert sha256(good) in hashes.values()
     assert not daemon.seen("hashcache.unwritable", after=mark), daemon
     assert account(models, {"good.bin": good, "bad.bin": bad, "old_a": b"stale"}) == {
         "good.bin": "dir",
@@ -891,18 +629,8 @@ def test_engine_raising_is_reported_and_never_destructive_or_fatal(
     }
 
 
-@pytest.fixture
-def aspose() -> None:
-    """Skip, with the reason, where the real `aspose-ocr-python-net` cannot be imported."""
-    from engine_support import aspose_available
-
-    reason = aspose_available()
-    if reason is not None:
-        pytest.skip(reason)
-
-
 def test_real_engine_that_cannot_open_is_reported_and_retried(
-    aspose: None, start: Start, models: Path, policy: Path, tmp_path: Path
+    aspose: None, daemons: Daemons, models: Path, policy: Path, tmp_path: Path
 ) -> None:
     """The real aspose host that cannot start is `engine.unavailable`; prunes go on; it recovers."""
     state = tmp_path / "state"
@@ -912,7 +640,7 @@ def test_real_engine_that_cannot_open_is_reported_and_retried(
     data = policy_data(models, state_dir=str(state), engine={"backend": "aspose"})
     save_policy(policy, data)
     hosts: list[int] = []
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     try:
         unavailable = daemon.wait("engine.unavailable")
         assert unavailable["engine"] == "aspose" and "Not a directory" in unavailable["error"]
@@ -934,7 +662,7 @@ def test_real_engine_that_cannot_open_is_reported_and_retried(
         }
     finally:
         hosts += [int(e["pid"]) for e in daemon.seen("engine.started")]
-        daemon.kill()
+        daemon.close()
         for pid in set(hosts):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -961,16 +689,16 @@ def flood(root: Path, stop: threading.Event | None = None) -> tuple[float, float
 
 
 def test_a_flood_of_10000_events_over_3s_gives_a_bounded_number_of_cycles(
-    start: Start, models: Path, policy: Path
+    daemons: Daemons, models: Path, policy: Path
 ) -> None:
     """10,000 file events spread over 3 s give a cycle per debounce cap or so, not thousands."""
     make_model(models, "keep.bin", b"keep")
     save_policy(policy, policy_data(models))
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     mark = daemon.mark()
 
     began, ended = flood(models)
-    daemon.settle()
+    daemon.settle(timeout=SETTLE)
 
     cycles = daemon.cycles(mark)
     during = [c for c in cycles if began + CAP <= epoch(c) <= ended]
@@ -983,11 +711,11 @@ def test_a_flood_of_10000_events_over_3s_gives_a_bounded_number_of_cycles(
 
 
 def test_sigterm_during_a_flood_of_events_ends_the_daemon_promptly(
-    start: Start, models: Path, policy: Path
+    daemons: Daemons, models: Path, policy: Path
 ) -> None:
     """While events keep pouring in, SIGTERM still ends the daemon with exit 0 within 2 s."""
     save_policy(policy, policy_data(models))
-    daemon = start(policy)
+    daemon = daemons.start(policy)
     mark = daemon.mark()
     stop = threading.Event()
     writer = threading.Thread(target=flood, args=(models, stop))
@@ -1025,19 +753,19 @@ def inotify_queue() -> Iterator[Callable[[int], None]]:
 @pytest.mark.root
 @needs_mount
 def test_overflowed_event_queue_still_leads_to_a_rescan_that_prunes_everything(
-    start: Start,
+    daemons: Daemons,
     models: Path,
     policy: Path,
-    tmpfs: Callable[[Path, str], None],
+    tmpfs_at: Callable[[Path, str], None],
     inotify_queue: Callable[[int], None],
 ) -> None:
     """Events lost to an inotify queue overflow are not lost forever: a rescan prunes them all."""
-    tmpfs(models, "64m")
+    tmpfs_at(models, "64m")
     make_model(models, "keep.bin", b"keep")
     save_policy(policy, policy_data(models))
     inotify_queue(16)  # read when the daemon creates its inotify instance
-    daemon = start(policy)
-    daemon.settle()
+    daemon = daemons.start(policy)
+    daemon.settle(timeout=SETTLE)
     mark = daemon.mark()
 
     os.kill(daemon.pid, signal.SIGSTOP)  # a stalled reader: nothing drains the queue

@@ -14,6 +14,7 @@ from ocrd.core.model import (
     Classified,
     Entry,
     Kind,
+    ListedEntry,
     Pin,
     Plan,
     ReportKind,
@@ -59,6 +60,11 @@ def make_entry(
     )
 
 
+def make_listed(name: str, *, kind: Kind = Kind.FILE) -> ListedEntry:
+    """An entry as the directory listing alone gives it (scan() did not look at it)."""
+    return ListedEntry(name=name, kind=kind, inode=zlib.crc32(name.encode()), device=1)
+
+
 def make_trash(name: str, *, age: float, size: int = 500, id_: str | None = None) -> TrashItem:
     """A quarantined item trashed *age* seconds before NOW."""
     return TrashItem(
@@ -70,12 +76,14 @@ def make_trash(name: str, *, age: float, size: int = 500, id_: str | None = None
     )
 
 
-def make_snapshot(*entries: Entry, trash: tuple[TrashItem, ...] = ()) -> Snapshot:
+def make_snapshot(*entries: Entry | ListedEntry, trash: tuple[TrashItem, ...] = ()) -> Snapshot:
     """A snapshot of ROOT holding *entries* and *trash*."""
     return Snapshot(root=ROOT, device=1, entries=tuple(entries), trash=trash)
 
 
-def plan_for(policy: Policy, *entries: Entry, trash: tuple[TrashItem, ...] = ()) -> Plan:
+def plan_for(
+    policy: Policy, *entries: Entry | ListedEntry, trash: tuple[TrashItem, ...] = ()
+) -> Plan:
     """Reconcile *entries* against *policy* at NOW."""
     return reconcile(policy, make_snapshot(*entries, trash=trash), now=NOW)
 
@@ -672,3 +680,57 @@ def test_next_due_is_the_earliest_time_the_plan_changes_by_itself() -> None:
     )
     assert next_due(policy, snap, now=NOW) == pytest.approx(NOW + 60)
     assert next_due(policy, make_snapshot(make_entry("keep.bin")), now=NOW) is None
+
+
+# --- Entries known from the directory listing alone ---------------------------------------------
+
+
+def test_entries_no_rule_acts_on_are_planned_from_their_names() -> None:
+    """Listed-only entries are classified, counted and reported like looked-at ones."""
+    policy = make_policy(whitelist=["*.gguf"], prune={"prefixes": ["old_"], "min_age": 0})
+    listed = [make_listed(".cache", kind=Kind.DIR), make_listed("llm.gguf"), make_listed("stray")]
+    plan = plan_for(policy, *listed, make_entry("old_a"))
+    looked_at = plan_for(
+        policy, *(make_entry(e.name, kind=e.kind) for e in listed), make_entry("old_a")
+    )
+    assert (plan.actions, plan.reports, plan.models) == (
+        looked_at.actions,
+        looked_at.reports,
+        looked_at.models,
+    )
+    assert pruned(plan) == ["old_a"]
+    assert reported(plan, ReportKind.UNMANAGED) == ["stray"]
+    assert [(c.name, c.cls, c.entry) for c in plan.classified[:3]] == [
+        (".cache", Class.IGNORED, listed[0]),
+        ("llm.gguf", Class.ALLOWED, listed[1]),
+        ("old_a", Class.PRUNE, make_entry("old_a")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("policy", "name"),
+    [
+        ({"prune": {"prefixes": ["old_"], "min_age": 0}}, "old_a"),
+        ({"prune": {"prefixes": ["old_"], "min_age": "1h"}}, "old_a"),  # waiting needs the age too
+        ({"unmanaged": "prune"}, "stray"),
+        ({"required": [{"name": "en.bin", "sha256": SHA_A}]}, "en.bin"),  # its pin is unverified
+    ],
+)
+def test_a_decision_on_an_entry_never_looked_at_is_a_loud_error(
+    policy: dict[str, Any], name: str
+) -> None:
+    """A prune candidate or a pinned model scanned without its details stops the plan."""
+    with pytest.raises(ValueError, match=rf"^{name}: planned without its details; scan it with"):
+        plan_for(make_policy(**policy), make_listed(name), make_entry("other"))
+
+
+def test_next_due_passes_over_entries_never_looked_at() -> None:
+    """next_due() reads the mtime of looked-at entries only; listed ones have none."""
+    from ocrd.core.plan import next_due
+
+    policy = make_policy(prune={"prefixes": ["old_"], "min_age": "1h"}, unmanaged="prune")
+    snap = make_snapshot(
+        make_listed("old_listed"), make_listed("stray"), make_entry("old_b", age=0)
+    )
+    assert next_due(policy, snap, now=NOW) == pytest.approx(NOW + HOUR)
+    assert next_due(policy, make_snapshot(make_listed("old_listed")), now=NOW) is None

@@ -17,13 +17,14 @@ from ocrd.core.model import (
     Class,
     Entry,
     Kind,
+    ListedEntry,
     Pin,
     Plan,
     ReportKind,
     Snapshot,
     TrashItem,
 )
-from ocrd.core.plan import reconcile
+from ocrd.core.plan import may_act_on, next_due, reconcile
 from ocrd.core.policy import Policy
 
 ROOT = "/srv/models"
@@ -407,6 +408,28 @@ def test_entry_and_trash_order_do_not_change_the_plan(
     rnd.shuffle(trash)
     shuffled = Snapshot(snapshot.root, snapshot.device, tuple(entries), tuple(trash))
     assert reconcile(policy, shuffled, now=NOW) == reconcile(policy, snapshot, now=NOW)
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_listing_what_no_rule_acts_on_changes_nothing(scenario: Scenario) -> None:
+    """Entries may_act_on passes over, given as the listing alone, plan as when looked at."""
+    policy, snapshot = scenario
+    examine = may_act_on(policy)
+    listed = tuple(
+        e
+        if examine is None or examine(e.name)
+        else ListedEntry(name=e.name, kind=e.kind, inode=e.inode, device=e.device)
+        for e in snapshot.entries
+    )
+    lazy = Snapshot(snapshot.root, snapshot.device, listed, snapshot.trash)
+    lazy_plan, full_plan = reconcile(policy, lazy, now=NOW), reconcile(policy, snapshot, now=NOW)
+    assert lazy_plan.actions == full_plan.actions
+    assert lazy_plan.reports == full_plan.reports
+    assert (lazy_plan.errors, lazy_plan.models) == (full_plan.errors, full_plan.models)
+    verdicts = [(c.name, c.cls, c.rule, c.pin) for c in lazy_plan.classified]
+    assert verdicts == [(c.name, c.cls, c.rule, c.pin) for c in full_plan.classified]
+    assert next_due(policy, lazy, now=NOW) == next_due(policy, snapshot, now=NOW)
 
 
 @settings(max_examples=200, deadline=None)

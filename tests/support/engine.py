@@ -1,8 +1,6 @@
 """Run the real Aspose engine (`aspose-ocr-python-net`) on a real, tiny model, offline.
 
-Tests import this as ``import engine_support``: ``tests/`` has no ``__init__.py`` and holds
-``conftest.py``, so pytest's default ``prepend`` import mode inserts ``tests/`` into
-``sys.path`` when it loads that conftest, before any test module below it is imported.
+The `aspose` and `llama_runtime` fixtures of tests/conftest.py are built on this.
 
 /work/shared/ASPOSE.md records the library's measured behaviour; what had to be found out
 beyond it is written down in `host_env_and_cwd` and `fetch_llama_runtime`.
@@ -18,6 +16,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 DEFAULT_MODEL_DIR = "lmstudio-community_Llama-3.2-3B-Instruct-GGUF"
 DEFAULT_MODEL_FILE = "Llama-3.2-3B-Instruct-Q4_K_M.gguf"
@@ -139,6 +139,18 @@ def make_tiny_gguf(path: Path) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def persistent_cache(factory: pytest.TempPathFactory) -> Path:
+    """``$XDG_CACHE_HOME/ocrd-tests`` (``~/.cache/ocrd-tests``), else a session temp dir."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ocrd-tests"
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return factory.mktemp("ocrd-tests-cache")
+    if not os.access(base, os.W_OK | os.X_OK):
+        return factory.mktemp("ocrd-tests-cache")
+    return base
 
 
 def fetch_llama_runtime(cache_dir: Path) -> Path | None:

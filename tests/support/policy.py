@@ -1,16 +1,24 @@
-"""Helpers shared by the tests that run the real daemon (integration and reliability)."""
+"""Policy files for the daemon tests, saved as editors save them, and the status file."""
 
 from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import write_policy
+import yaml
 
-DEBOUNCE = 0.1  # reconcile.debounce of every policy made here
+from tests.support.wait import wait_for
+
+DEBOUNCE = 0.1  # reconcile.debounce of every policy_data() policy
+
+
+def write_policy(path: Path, data: dict[str, Any]) -> Path:
+    """Write *data* as a YAML policy file at *path*."""
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
 
 
 def policy_data(model_dir: Path, **overrides: Any) -> dict[str, Any]:
@@ -49,11 +57,6 @@ def save_policy(path: Path, data: dict[str, Any] | str) -> Path:
     return path
 
 
-def epoch(event: dict[str, Any]) -> float:
-    """A log line's UTC ISO timestamp as seconds since the epoch."""
-    return datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00")).timestamp()
-
-
 def read_status(path: Path) -> dict[str, Any] | None:
     """The status document at *path*, or None while there is none."""
     try:
@@ -61,3 +64,16 @@ def read_status(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     return doc
+
+
+def status_when(
+    path: Path, until: Callable[[dict[str, Any]], Any], *, what: str, timeout: float = 10.0
+) -> dict[str, Any]:
+    """The status document at *path* as soon as *until* holds for it; fail after *timeout*."""
+
+    def ready() -> dict[str, Any] | None:
+        doc = read_status(path)
+        return doc if doc and until(doc) else None
+
+    found: dict[str, Any] = wait_for(ready, timeout=timeout, what=what)
+    return found

@@ -1,0 +1,1 @@
+"""The real `ocrd` as a subprocess: the CLI, `ocrd run`, and ocrd under a real systemd."""

@@ -1,0 +1,1 @@
+"""Real tmp dirs, real processes, the real watchdog observer and notify socket."""

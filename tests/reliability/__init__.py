@@ -1,0 +1,1 @@
+"""Faults, hostile input and SIGKILL crashes under the real ocrd."""

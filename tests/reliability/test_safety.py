@@ -1,0 +1,433 @@
+"""Attacks on ocrd's two promises through the real CLI and daemon: special files where ocrd
+expects its own, a mount inside a model, a very deep model, a notify socket nobody reads, a
+root run before the service user's (DESIGN §4, issue "Safety")."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.cli import Result
+from tests.support.daemon import Daemons
+from tests.support.files import make_model
+from tests.support.policy import policy_data, read_status, save_policy, write_policy
+
+ROOT = os.geteuid() == 0
+MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
+needs_mount = pytest.mark.skipif(
+    not ROOT or MOUNT is None or UMOUNT is None, reason="bind-mounts a directory: needs root"
+)
+TEST_USER = "ocrdtest"
+SYSTEM_PYTHON = "/usr/bin/python3"  # an interpreter every user may run (not one under /root)
+
+
+def delete_policy(path: Path, models: Path) -> Path:
+    """A policy pruning old_* at once, by deletion."""
+    return write_policy(path, policy_data(models, prune={"action": "delete"}))
+
+
+# -- ocrd's own names are what they must be, or ocrd refuses ------------------------------
+
+
+def _link(path: Path) -> None:
+    path.symlink_to("/etc/passwd")
+
+
+def _fifo(path: Path) -> None:
+    os.mkfifo(path)
+
+
+def _directory(path: Path) -> None:
+    path.mkdir()
+
+
+@pytest.mark.parametrize("make", [_link, _fifo, _directory], ids=["symlink", "fifo", "directory"])
+@pytest.mark.parametrize("command", ["apply", "trash purge --all"])
+def test_a_lock_that_is_not_a_regular_file_is_refused_in_one_line(
+    run_ocrd: Callable[..., Result],
+    models: Path,
+    policy: Path,
+    make: Callable[[Path], None],
+    command: str,
+) -> None:
+    """A symlink, FIFO or directory at `.ocrd-lock`: one line naming it and the fix, exit 1,
+    nothing followed (the link's target untouched), nothing pruned; never blocks."""
+    make_model(models, "old_a", age=3600)
+    delete_policy(policy, models)
+    make(models / ".ocrd-lock")
+    before = Path("/etc/passwd").stat()
+    result = run_ocrd("--config", policy, *command.split(), timeout=20)
+    assert result.code == 1, result
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1, result
+    assert ".ocrd-lock" in lines[0] and "not ocrd's lock file" in lines[0], result
+    assert "internal error" not in result.err
+    assert (models / "old_a").exists()
+    after = Path("/etc/passwd").stat()
+    assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
+
+
+# -- FIFOs where ocrd reads a file -------------------------------------------------------
+
+
+def test_a_fifo_as_restore_source_fails_the_restore_and_never_blocks(
+    run_ocrd: Callable[..., Result], models: Path, policy: Path, tmp_path: Path
+) -> None:
+    """`source:` a FIFO nobody writes to: the restore fails with a message naming it, the
+    command ends (it used to hang with the lock held)."""
+    source = tmp_path / "mirror.bin"
+    os.mkfifo(source)
+    write_policy(
+        policy, policy_data(models, required=[{"name": "need.bin", "source": str(source)}])
+    )
+    result = run_ocrd("--config", policy, "apply", timeout=20)
+    assert result.code == 1, result
+    (failed,) = [e for e in result.logs() if e["event"] == "action.failed"]
+    assert failed["model"] == "need.bin"
+    assert "FIFO" in failed["error"] and str(source) in failed["error"]
+    assert not (models / "need.bin").exists()
+    assert [n for n in os.listdir(models) if n.startswith(".ocrd-tmp-")] == []
+
+
+def test_a_policy_swapped_for_a_fifo_is_rejected_and_the_daemon_stays_responsive(
+    daemons: Daemons, models: Path, policy: Path
+) -> None:
+    """The policy file replaced (by rename, as editors save) with a FIFO: the reload is
+    rejected naming it, cycles go on, SIGTERM ends the daemon at once."""
+    save_policy(policy, policy_data(models))
+    daemon = daemons.start(policy)
+    mark = daemon.mark()
+    staged = policy.with_name(".policy.fifo")
+    os.mkfifo(staged)
+    os.replace(staged, policy)
+    rejected = daemon.wait("policy.rejected", after=mark)
+    assert "FIFO" in rejected["errors"][0]
+    make_model(models, "old_a")
+    daemon.wait("model.pruned", after=mark, model="old_a")
+    code, took = daemon.stop()
+    assert code == 0
+    assert took < 5
+
+
+# -- systemd's notify socket nobody reads ------------------------------------------------
+
+
+@pytest.fixture
+def deaf_socket(tmp_path: Path) -> Iterator[str]:
+    """An AF_UNIX datagram socket that is never read: the kernel queues a few datagrams,
+    then a blocking sendto() would wait forever."""
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    try:
+        yield path
+    finally:
+        sock.close()
+
+
+def test_a_notify_socket_nobody_reads_never_blocks_the_loop(
+    daemons: Daemons, models: Path, policy: Path, deaf_socket: str, status_file: Path
+) -> None:
+    """With NOTIFY_SOCKET unread and a 200 ms watchdog (five pings a second fill the queue
+    within seconds), cycles still run, prunes still happen, the drops are counted in the
+    status file, and SIGTERM still stops the daemon."""
+    save_policy(policy, policy_data(models))
+    daemon = daemons.start(
+        policy,
+        extra_env={
+            "NOTIFY_SOCKET": deaf_socket,
+            "WATCHDOG_USEC": "200000",
+            "WATCHDOG_PID": "",
+        },
+    )
+    # The queue fills within about a second (max_dgram_qlen is 10 here; a ping is one
+    # datagram); every prune's cycle rewrites the status file with the drops so far.
+    deadline = time.monotonic() + 20
+    for round_ in itertools.count():
+        mark = daemon.mark()
+        make_model(models, f"old_{round_}")
+        daemon.wait("model.pruned", after=mark, model=f"old_{round_}", timeout=10)
+        daemon.wait_cycles(1, after=mark)
+        doc = read_status(status_file)
+        if doc is not None and doc["notify_dropped"] > 0:
+            break
+        assert time.monotonic() < deadline, f"no drop counted after {round_ + 1} cycles: {doc}"
+    code, took = daemon.stop()
+    assert code == 0
+    assert took < 5
+
+
+# -- a mount point inside a directory model ----------------------------------------------
+
+
+def mounts_below(path: Path) -> list[str]:
+    """Mount points at or below *path*, deepest first (/proc/self/mountinfo, field 5)."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        points = [line.split()[4].replace("\\040", " ") for line in fh]
+    prefix = str(path)
+    return sorted((p for p in points if p == prefix or p.startswith(prefix + "/")), reverse=True)
+
+
+@pytest.fixture
+def bind(tmp_path: Path) -> Iterator[Callable[[Path, Path], None]]:
+    """bind(source, target): a bind mount; every mount left below tmp_path (wherever a
+    rename took it) is undone after the test."""
+
+    def mount(source: Path, target: Path) -> None:
+        assert MOUNT is not None
+        subprocess.run([MOUNT, "--bind", str(source), str(target)], check=True)
+
+    yield mount
+    for point in mounts_below(tmp_path):
+        assert UMOUNT is not None
+        subprocess.run([UMOUNT, "-l", point], check=False)
+
+
+@needs_mount
+@pytest.mark.parametrize("action", ["delete", "quarantine-then-purge"])
+def test_a_directory_model_holding_a_bind_mount_is_left_whole(
+    run_ocrd: Callable[..., Result],
+    models: Path,
+    policy: Path,
+    tmp_path: Path,
+    bind: Callable[[Path, Path], None],
+    action: str,
+) -> None:
+    """`mount --bind OTHER old_dir/mnt`: deleting (or purging) old_dir leaves OTHER's files
+    alone, keeps old_dir whole where it was, says why (a mount point), leaves no
+    `.ocrd-deleting-*`, and removes it once the mount is gone."""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "precious.bin").write_bytes(b"precious")
+    old = models / "old_dir"
+    (old / "mnt").mkdir(parents=True)
+    (old / "weights.bin").write_bytes(b"w")
+    if action == "delete":
+        delete_policy(policy, models)
+    else:
+        write_policy(
+            policy, policy_data(models, quarantine={"retention": "0s"}, prune={"min_age": 0})
+        )
+    bind(other, old / "mnt")
+    first = run_ocrd("--config", policy, "apply")
+    if action == "delete":
+        assert first.code == 1, first
+        (failed,) = [e for e in first.logs() if e["event"] == "action.failed"]
+        assert "mount point" in failed["error"]
+        assert (old / "weights.bin").exists()
+    else:
+        # Quarantined (a rename moves the mount along), then the purge refuses it.
+        again = run_ocrd("--config", policy, "trash", "purge", "--all")
+        assert again.code == 1, again
+        assert any("mount point" in e.get("error", "") for e in again.logs()), again
+    assert (other / "precious.bin").read_bytes() == b"precious"
+    assert [n for n in os.listdir(models) if n.startswith(".ocrd-deleting-")] == []
+    (point,) = mounts_below(models)
+    subprocess.run([str(UMOUNT), point], check=True)
+    final = run_ocrd(
+        "--config", policy, *(["apply"] if action == "delete" else ["trash", "purge", "--all"])
+    )
+    assert final.code == 0, final
+    assert not old.exists()
+    assert (other / "precious.bin").read_bytes() == b"precious"
+
+
+# -- a very deep model -------------------------------------------------------------------
+
+
+def make_deep(top: Path, depth: int) -> None:
+    """*depth* nested directories below *top*, built by descriptor (the path outgrows PATH_MAX)."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+    os.close(fd)
+
+
+def test_a_1000_deep_directory_model_is_deleted_and_later_cycles_still_prune(
+    run_ocrd: Callable[..., Result], models: Path, policy: Path
+) -> None:
+    """1,000 levels (Python's recursion limit): deleted in one apply, nothing left behind,
+    and the next cycle prunes as usual (it used to fail in recovery for ever)."""
+    make_deep(models / "old_deep", 1000)
+    delete_policy(policy, models)
+    first = run_ocrd("--config", policy, "apply")
+    assert first.code == 0, first
+    assert os.listdir(models) == [".ocrd-lock"]
+    make_model(models, "old_next")
+    second = run_ocrd("--config", policy, "apply")
+    assert second.code == 0, second
+    assert not (models / "old_next").exists()
+
+
+def test_a_leftover_that_cannot_be_removed_does_not_stop_recovery_or_the_cycle(
+    run_ocrd: Callable[..., Result], models: Path, policy: Path, tmp_path: Path
+) -> None:
+    """Two `.ocrd-deleting-*` leftovers, one of them 1,000 levels deep and one that cannot be
+    removed (it holds an immutable file, as root; a read-only dir otherwise): the deep one
+    is finished, the stuck one is reported, and the cycle prunes all the same."""
+    make_deep(models / ".ocrd-deleting-deep", 1000)
+    stuck = models / ".ocrd-deleting-stuck"
+    stuck.mkdir()
+    (stuck / "f").write_bytes(b"x")
+    chattr = shutil.which("chattr")
+    if ROOT:
+        if chattr is None or subprocess.run([chattr, "+i", str(stuck / "f")]).returncode:
+            pytest.skip("needs chattr +i")
+        undo = [chattr, "-i", str(stuck / "f")]
+    else:
+        stuck.chmod(0o555)
+        undo = ["chmod", "755", str(stuck)]
+    make_model(models, "old_a")
+    delete_policy(policy, models)
+    try:
+        result = run_ocrd("--config", policy, "apply")
+    finally:
+        subprocess.run(undo, check=True)
+    events = result.logs()
+    removed = [e["path"] for e in events if e["event"] == "recovery.removed"]
+    failed = [e["path"] for e in events if e["event"] == "recovery.failed"]
+    assert ".ocrd-deleting-deep" in removed, result
+    assert failed == [".ocrd-deleting-stuck"], result
+    assert not (models / "old_a").exists()
+    assert not (models / ".ocrd-deleting-deep").exists()
+
+
+# -- a root run, then the service user's --------------------------------------------------
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter (tmp_path's parents are root's alone)."""
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ocrd-safety-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def test_user() -> str:
+    """A system user without a home, for runs as somebody other than root."""
+    if not ROOT:
+        pytest.skip("creates a user and runs as it: needs root")
+    if not Path(SYSTEM_PYTHON).exists() or shutil.which("setpriv") is None:
+        pytest.skip(f"needs {SYSTEM_PYTHON} and setpriv")
+    try:
+        pwd.getpwnam(TEST_USER)
+    except KeyError:
+        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
+        subprocess.run(
+            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
+            check=True,
+        )
+    probe = as_user(TEST_USER, dict(os.environ), "--version")
+    if probe.returncode != 0:
+        pytest.skip(f"{TEST_USER} cannot run this checkout's ocrd: {probe.stderr.strip()[-200:]}")
+    return TEST_USER
+
+
+def as_user(user: str, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """ocrd ARGS run as *user* by the system Python, on this venv's packages."""
+    entry = pwd.getpwnam(user)
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    project = str(Path(__file__).resolve().parents[2])
+    return subprocess.run(
+        [
+            shutil.which("setpriv") or "/usr/bin/setpriv",
+            f"--reuid={entry.pw_uid}",
+            f"--regid={entry.pw_gid}",
+            "--clear-groups",
+            SYSTEM_PYTHON,
+            "-m",
+            "ocrd",
+            *args,
+        ],
+        env={**env, "PYTHONPATH": os.pathsep.join([*site, project])},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_root_run_leaves_nothing_the_dirs_owner_cannot_use(
+    run_ocrd: Callable[..., Result], shared_dir: Path, env: dict[str, str], test_user: str
+) -> None:
+    """`ocrd apply` as root on a model dir owned by the service user, then every command as
+    that user: the lock, the trash and the state files root made belong to the user, and
+    plan, list, trash list and apply all work."""
+    entry = pwd.getpwnam(test_user)
+    tmp_path = shared_dir
+    models, state = tmp_path / "models", tmp_path / "state"
+    for directory in (models, state):
+        directory.mkdir()
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+    policy = write_policy(
+        tmp_path / "policy.yaml",
+        policy_data(
+            models,
+            state_dir=str(state),
+            required=[{"name": "pinned.bin", "sha256": "0" * 64}],
+        ),
+    )
+    policy.chmod(0o644)
+    for name in ("old_a", "pinned.bin", "keep.bin"):
+        make_model(models, name)
+        os.chown(models / name, entry.pw_uid, entry.pw_gid)
+    assert run_ocrd("--config", policy, "apply").code == 1  # the pin is wrong: a problem
+    made = [models / ".ocrd-lock", models / ".ocrd-trash", *(models / ".ocrd-trash").rglob("*")]
+    made += list(state.rglob("*"))
+    assert state / "hashes.json" in made
+    assert made and all(p.lstat().st_uid == entry.pw_uid for p in made), [
+        (str(p), p.lstat().st_uid) for p in made
+    ]
+    make_model(models, "old_b")
+    os.chown(models / "old_b", entry.pw_uid, entry.pw_gid)
+    user_env = {**env, "XDG_STATE_HOME": str(state)}
+    for command in (["plan"], ["list"], ["trash", "list"], ["apply"]):
+        done = as_user(test_user, user_env, "--config", str(policy), *command)
+        assert "internal error" not in done.stderr, (command, done.stderr)
+        assert done.returncode in (0, 1), (command, done.returncode, done.stderr)
+    assert not (models / "old_b").exists()
+
+
+def test_a_lock_left_by_root_names_the_fix(
+    shared_dir: Path, env: dict[str, str], test_user: str
+) -> None:
+    """A root-owned `.ocrd-lock` (left by an older ocrd) in the user's model dir: the user's
+    apply fails in one line that says whose file it is and what to do."""
+    entry = pwd.getpwnam(test_user)
+    tmp_path = shared_dir
+    models = tmp_path / "models"
+    models.mkdir()
+    os.chown(models, entry.pw_uid, entry.pw_gid)
+    (models / ".ocrd-lock").write_text("1\n")
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(models))
+    policy.chmod(0o644)
+    done = as_user(
+        test_user,
+        {**env, "XDG_STATE_HOME": str(tmp_path / "xdg")},
+        "--config",
+        str(policy),
+        "apply",
+    )
+    assert done.returncode == 1, done
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "belongs to root" in done.stderr and "chown" in done.stderr, done.stderr
