@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any, NoReturn
@@ -97,6 +95,9 @@ def _config_option(fn: Any) -> Any:
     )(fn)
 
 
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
@@ -132,7 +133,7 @@ def check(obj: _Context) -> None:
 
 @cli.command("list")
 @_config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_json_option
 @click.option("--all", "show_all", is_flag=True, help="Include ignored entries.")
 @click.pass_obj
 @_run
@@ -165,7 +166,7 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
 
 @cli.command()
 @_config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_json_option
 @click.option("--exit-code", is_flag=True, help="Exit 3 when changes are pending, 0 when none.")
 @click.pass_obj
 @_run
@@ -250,7 +251,7 @@ def trash() -> None:
 
 @trash.command("list")
 @_config_option
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+@_json_option
 @click.pass_obj
 @_run
 def trash_list(obj: _Context, as_json: bool) -> None:
@@ -336,28 +337,23 @@ def _warn_if_pruned_again(policy: Any, name: str) -> None:
 def trash_purge(obj: _Context, purge_all: bool) -> None:
     """Delete quarantined models older than quarantine.retention (or all of them)."""
     from ocrd import log
-    from ocrd.act.trash import Purger
+    from ocrd.act.apply import purge
     from ocrd.daemon.lock import DirLock
     from ocrd.observe.trash import read_trash
 
     policy = obj.load(log_stream=sys.stdout).policy
     _require_dir(policy.model_dir)
     root = str(policy.model_dir)
-    logger = log.get()
-    failed = 0
-    reason = "ocrd trash purge" + (" --all" if purge_all else "")
     with DirLock(policy.model_dir):
-        purger = Purger(root, log=logger)
         now = time.time()
-        for item in read_trash(root):
-            if not purge_all and now - item.trashed_at < policy.quarantine.retention:
-                continue
-            try:
-                purger.purge(item.id, model=item.name, reason=reason, size=item.size)
-            except OSError as exc:
-                failed += 1
-                logger.error("action.failed", model=item.name, action="purge", error=str(exc))
-        purger.close()  # the next cycle's recovery drops what it could not
+        due = [
+            item
+            for item in read_trash(root)
+            if purge_all or now - item.trashed_at >= policy.quarantine.retention
+        ]
+        reason = "ocrd trash purge" + (" --all" if purge_all else "")
+        outcome = purge(due, root=root, log=log.get(), reason=reason)
+    failed = len(outcome.failed) + len(outcome.skipped)  # failed, changed, or held by a process
     sys.exit(EXIT_PROBLEMS if failed else EXIT_OK)
 
 
@@ -432,39 +428,7 @@ def _state_dir_even_if_invalid(obj: _Context) -> Path:
 
 
 def main() -> None:
-    try:
-        _main()
-    except SystemExit as exc:
-        _exit(exc.code)
-
-
-def _exit(code: Any) -> NoReturn:
-    """End the process with *code*, skipping the interpreter's teardown when safe.
-
-    After a command over a big model dir a few hundred thousand small objects
-    are still alive; freeing them one by one at exit costs ~0.1 s and saves
-    nothing. When only this thread runs, the exit handlers are run and stdout
-    and stderr flushed, then the process ends at once. Otherwise (or if a
-    flush fails, e.g. a closed pipe) Python exits the usual way.
-    """
-    run_exit_handlers = getattr(atexit, "_run_exitfuncs", None)
-    if not isinstance(code, int) or threading.active_count() > 1 or run_exit_handlers is None:
-        raise SystemExit(code)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        raise SystemExit(code) from None
-    run_exit_handlers()
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        raise SystemExit(code) from None
-    os._exit(code)
-
-
-def _main() -> None:
+    """The `ocrd` entry point: run the command, end with its exit code."""
     try:
         cli.main(prog_name="ocrd", standalone_mode=False)
     except click.exceptions.Abort:

@@ -1,14 +1,20 @@
 """structlog configuration: one JSON object per line, or a console view.
 
-The JSON path is built for volume: one processor renders a line (timestamp,
-level and event first, then the fields in the order given) with a reused
-encoder, and the writer flushes each line at once except inside
-`batched()`, where a big prune's 50,000 lines go out in blocks (a line
-flushes once FLUSH_EVERY seconds have passed) instead of one write(2) each.
+structlog is set up as its performance guide suggests: loggers are cached on
+first use, and one processor chain (TimeStamper, add_log_level,
+format_exc_info, JSONRenderer) renders each line. The writer flushes each
+line at once, except inside `batched()`, where a big prune's 50,000 lines go
+out in blocks (a line flushes once FLUSH_EVERY seconds have passed) instead
+of one write(2) each.
 
-structlog itself is imported on the first line logged, not at start-up:
-importing it (and what it pulls in) costs tens of milliseconds, and most
-commands (`check`, `plan`, `list`, `status`) never log a line.
+A cached logger keeps the processor list and the writer it was built with,
+so `configure()` never replaces them: it refills the one list in place (as
+`structlog.testing.capture_logs` does), points the one writer at the new
+stream, and sets the level that the chain's first processor reads. A logger
+used before a reload follows the reload's format, level and stream.
+
+structlog itself is imported by the first `get()`, not at start-up: importing
+it costs tens of milliseconds, and `check` and `status` never log a line.
 """
 
 from __future__ import annotations
@@ -19,11 +25,11 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, TextIO, cast
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from structlog.typing import EventDict, FilteringBoundLogger, WrappedLogger
+    from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 LEVELS = {
     "debug": logging.DEBUG,
@@ -34,47 +40,8 @@ LEVELS = {
 FLUSH_EVERY = 0.1  # seconds a batched line may wait in the buffer
 LISTED = 50  # names in one list of a log line (the first ones, in name order)
 
-_LEVEL_NAME = {"warn": "warning", "exception": "error", "fatal": "critical"}
-
-
-def _encoder() -> Callable[[Any], str]:
-    """json.dumps(obj, default=repr) as one reused encoder (CPython's C one, unwrapped)."""
-    make = getattr(json.encoder, "c_make_encoder", None)
-    if make is None:
-        return json.JSONEncoder(default=repr).encode
-    chunks = make(
-        None, repr, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True
-    )
-    return lambda obj: "".join(chunks(obj, 0))
-
-
-_encode = _encoder()
-_second: tuple[int, str] = (-1, "")
-
-
-def _timestamp() -> str:
-    """Now in UTC, ISO 8601 with microseconds and a Z (the date part cached per second)."""
-    global _second
-    now = time.time()
-    sec = int(now)
-    if sec != _second[0]:
-        _second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-    return f"{_second[1]}.{int((now - sec) * 1_000_000):06d}Z"
-
-
-def _json_line(_: WrappedLogger, method: str, event_dict: EventDict) -> str:
-    """The final processor: timestamp, level, event, then the fields as given."""
-    line: dict[str, Any] = {
-        "timestamp": _timestamp(),
-        "level": _LEVEL_NAME.get(method, method),
-        "event": event_dict.pop("event", None),
-    }
-    if "exc_info" in event_dict:
-        import structlog
-
-        event_dict = structlog.processors.format_exc_info(_, method, event_dict)
-    line.update(event_dict)
-    return _encode(line)
+_RANK = {**LEVELS, "critical": logging.CRITICAL}  # structlog's method names
+_HEAD = ("timestamp", "level", "event")  # the keys that lead a JSON line
 
 
 class LineWriter:
@@ -117,148 +84,106 @@ class LineWriter:
             self._write_held()
             self._flushed = time.monotonic()
 
+    def redirect(self, stream: TextIO) -> None:
+        """Write to *stream* from now on; what is held goes to the old stream first."""
+        with self._lock:
+            self._write_held()
+            self.stream = stream
 
-_writer: LineWriter | None = None
-_direct: tuple[Any, int] | None = None  # (our logger factory, min level) with JSON set up
-_pending: tuple[str, str, TextIO | None] | None = None  # settings not yet given to structlog
-_setup_lock = threading.Lock()
+
+_writer = LineWriter(sys.stdout)  # the one writer every logger writes to
+_processors: list[Processor] = []  # the one chain every logger runs; refilled in place
+_format = "json"
+_level = logging.INFO
+_lock = threading.Lock()
+
+
+def _writer_for(*_: Any) -> LineWriter:
+    """structlog's logger factory: every logger writes through the one writer."""
+    return _writer
+
+
+def _at_level(_: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """Drop what is below the configured level (read per line, so it reaches cached loggers)."""
+    if _RANK[method] < _level:
+        from structlog import DropEvent
+
+        raise DropEvent
+    return event_dict
+
+
+def _head_first(event_dict: EventDict, **dumps_kw: Any) -> str:
+    """json.dumps with timestamp, level and event first, then the fields in call order."""
+    line = {key: event_dict.pop(key, None) for key in _HEAD}
+    line.update(event_dict)
+    return json.dumps(line, **dumps_kw)
+
+
+def _chain(fmt: str) -> list[Processor]:
+    """The processors for *fmt*: json (one object per line) or console.
+
+    Both have the same shape, so a line logged by another thread while
+    configure() refills the list still meets one stamper and one renderer.
+    """
+    import structlog
+
+    render: Processor
+    if fmt == "console":
+        stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
+        render = structlog.dev.ConsoleRenderer(colors=False)
+    else:
+        # "iso" would drop the microseconds when they are 0; %f always writes six digits.
+        stamp = structlog.processors.TimeStamper(
+            fmt="%Y-%m-%dT%H:%M:%S.%fZ", utc=True, key="timestamp"
+        )
+        render = structlog.processors.JSONRenderer(serializer=_head_first)
+    return [
+        _at_level,
+        stamp,
+        structlog.processors.add_log_level,
+        structlog.processors.format_exc_info,
+        render,
+    ]
 
 
 def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
-    """Route every ocrd log line to *stream* (stdout by default) in *fmt*.
+    """Route every ocrd log line to *stream* (stdout by default) in *fmt*, from *level* up.
 
-    Takes effect at once if structlog is in use already, else with the first line.
+    Takes effect at once, for loggers already in use too.
     """
-    global _pending
-    with _setup_lock:
-        _pending = (fmt, level, stream)
-        if "structlog" in sys.modules:
-            _setup()
+    global _format, _level
+    with _lock:
+        _writer.redirect(stream or sys.stdout)
+        _format, _level = fmt, LEVELS[level]
+        if _processors:  # structlog is set up: its loggers hold this very list
+            _processors[:] = _chain(fmt)
 
 
-def _setup() -> None:
-    """Configure structlog with the pending settings (called under _setup_lock)."""
-    global _writer, _pending, _direct
-    if _pending is None:
-        return
+def get() -> FilteringBoundLogger:
+    """The logger to pass around (structlog's, set up for ocrd on the first call)."""
     import structlog
 
-    fmt, level, stream = _pending
-    processors: list[Any]
-    if fmt == "console":
-        processors = [
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp"),
-            structlog.processors.format_exc_info,
-            structlog.dev.ConsoleRenderer(colors=False),
-        ]
-    else:
-        processors = [_json_line]
-    writer = LineWriter(stream or sys.stdout)
-
-    def factory(*_: Any) -> LineWriter:
-        return writer
-
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(LEVELS[level]),
-        logger_factory=factory,
-        cache_logger_on_first_use=False,
-    )
-    if _writer is not None:
-        _writer.flush()
-    _writer, _pending = writer, None
-    _direct = (factory, LEVELS[level]) if fmt == "json" else None
-
-
-class _Logger:
-    """ocrd's logger: structlog's, fetched (and structlog set up) when first used."""
-
-    def __getattr__(self, name: str) -> Any:
-        if _pending is not None:
-            with _setup_lock:
-                _setup()
-        import structlog
-
-        return getattr(structlog.get_logger("ocrd"), name)
-
-
-def _value(v: Any) -> str:
-    """One field's JSON text, exactly as the encoder writes it inside an object."""
-    kind = type(v)
-    if kind is str:
-        return _ascii(v)
-    if kind is int:
-        return int.__repr__(v)
-    return _encode(v)
-
-
-_ascii: Callable[[str], str] = json.encoder.encode_basestring_ascii
-
-
-def emitter(logger: Any, level: str, event: str, keys: tuple[str, ...]) -> Callable[..., None]:
-    """A function of the field values that logs like `logger.<level>(event, **fields)`.
-
-    When structlog runs with ocrd's JSON output (the CLI, the daemon) and
-    *logger* has no bound context, the line is built straight from the values
-    into the same text `_json_line` makes: a big prune logs 50,000 lines, and
-    structlog's general path costs several times as much per line. Otherwise
-    (console format, a test capturing events) it calls *logger*.
-    """
-    if _pending is not None:
-        with _setup_lock:
-            _setup()
-    writer, direct = _writer, _direct
-    if writer is None or direct is None:
-        writer = None
-    else:
-        import structlog
-
-        factory, min_level = direct
-        config = structlog.get_config()
-        if (
-            config["processors"] != [_json_line]  # e.g. a test capturing events
-            or config["logger_factory"] is not factory
-            or LEVELS[level] < min_level
-            or getattr(logger, "_context", None)
-        ):
-            writer = None
-    if writer is None:
-        method = getattr(logger, level)
-        return lambda *values: method(event, **dict(zip(keys, values, strict=True)))
-
-    # One %-template per event: '{"timestamp": "%s", "level": …, "model": %s, …}'.
-    def literal(text: str) -> str:
-        return _ascii(text).replace("%", "%%")
-
-    template = f'{{"timestamp": "%s", "level": "{level}", "event": {literal(event)}'
-    template += "".join(f", {literal(k)}: %s" for k in keys) + "}"
-    count, msg = len(keys), writer.msg
-
-    def emit(*values: Any) -> None:
-        if len(values) != count:
-            raise TypeError(f"{event}: {count} values expected ({', '.join(keys)})")
-        msg(template % (_timestamp(), *map(_value, values)))
-
-    return emit
+    with _lock:
+        if structlog.get_config()["processors"] is not _processors:
+            _processors[:] = _chain(_format)
+            structlog.configure(
+                processors=_processors,
+                # Every level passes here; _at_level filters by the level configured now.
+                wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG),
+                logger_factory=_writer_for,
+                cache_logger_on_first_use=True,
+            )
+    logger: FilteringBoundLogger = structlog.get_logger("ocrd")
+    return logger
 
 
 @contextlib.contextmanager
 def batched() -> Iterator[None]:
     """Inside, lines are held and written in one block FLUSH_EVERY s after the last; exit
     writes the rest."""
-    writer = _writer
-    if writer is None:
-        yield
-        return
-    writer.batching += 1
+    _writer.batching += 1
     try:
         yield
     finally:
-        writer.batching -= 1
-        writer.flush()
-
-
-def get() -> FilteringBoundLogger:
-    """The logger to pass around; each call goes to structlog's current configuration."""
-    return cast("FilteringBoundLogger", _Logger())
+        _writer.batching -= 1
+        _writer.flush()

@@ -1,32 +1,44 @@
-"""Carry out a plan: the only module that renames, unlinks or removes.
+"""Carry out a plan: the engine cycle around the actions (DESIGN §5).
 
-Any plan that changes the disk runs the engine cycle of DESIGN §5:
-release the engine -> check handles -> act -> open the engine again.
-Release failing means nothing destructive happens (fail closed). Every
-target is re-checked right before it is touched; one failed action never
-stops the others. Every step is crash-safe: a model is always either under
-its name, in `.ocrd-trash/`, or under a `.ocrd-deleting-*` / `.ocrd-tmp-*`
-name that recover() finishes or rolls back at the next start.
+release the engine -> move every delete's target out of its name (two-phase,
+ocrd.act.twophase) -> build the one handle index -> restores and quarantines
+-> remove what nobody holds, put back what somebody does -> open the engine
+again. Release failing means nothing destructive happens (fail closed).
+Every target is re-checked right before it is touched; one failed action
+never stops the others. Every step is crash-safe: a model is always either
+under its name, in `.ocrd-trash/`, or under a `.ocrd-deleting-*` /
+`.ocrd-tmp-*` name that recovery finishes or rolls back at the next start.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocrd import log as logconf
-from ocrd.act.fs import ActionError, Changed, Log, Sync, check_unchanged, delete
+from ocrd.act.fs import ActionError, Changed, Log, Sync, check_unchanged
 from ocrd.act.holders import IndexFn, find_holders, holders_text
 from ocrd.act.listing import ocrd_models, open_and_compare
 from ocrd.act.restore import restore
 from ocrd.act.trash import Purger, QuarantineBatch, record_item
-from ocrd.core.model import Action, ActionKind, Kind, Outcome, Plan, Report, ReportKind
+from ocrd.act.twophase import Expect, TwoPhase
+from ocrd.core.model import (
+    Action,
+    ActionKind,
+    Kind,
+    Outcome,
+    Plan,
+    Report,
+    ReportKind,
+    TrashItem,
+)
 from ocrd.core.names import TRASH
 from ocrd.engine.base import Engine
-from ocrd.observe.handles import Holder
+from ocrd.observe.handles import HandleIndex, Holder
 
 
 @dataclass(slots=True)
@@ -48,53 +60,73 @@ class _Result:
 
 
 class _Acting:
-    """The state of one apply's action loop: the open model dir, the batch, the syncs."""
+    """The state of one apply's actions: the open model dir, the two phases, the batch."""
 
-    def __init__(self, root: str, *, log: Log, now: float, quarantined: list[Action]) -> None:
+    def __init__(self, root: str, *, log: Log, now: float) -> None:
         self.root, self.log, self.now = root, log, now
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.sync = Sync(batch=True)
         self.sync.dir(root)  # whatever the actions do there is flushed once, at the end
-        self.quarantined = quarantined  # what the batch record lists
+        self.two = TwoPhase(root, self.fd)
+        self.purger = Purger(self.two, log=log)
+        self.quarantined: list[Action] = []  # what the batch record lists
         self.batch: QuarantineBatch | None = None
         self.batch_error: str | None = None  # why this cycle's batch could not be made
-        self.purger = Purger(root, log=log, sync=self.sync)
-        self.pruned = logconf.emitter(
-            log, "info", "model.pruned", ("model", "reason", "bytes", "dest", "mode")
-        )
 
-    def prune(self, action: Action) -> None:
+    def move_out(self, number: int, action: Action) -> None:
+        """Phase 1 of a delete: a prune in delete mode, or a purge."""
+        if action.kind is ActionKind.PURGE:
+            assert action.trash_id is not None
+            self.purger.move_out(number, action.trash_id)
+            return
         entry = action.entry
         assert entry is not None
         check_unchanged(self.root, entry, dir_fd=self.fd)
-        if action.mode == "delete":
-            if entry.kind is Kind.DIR:
-                delete(self.root, action.name, entry.kind, sync=self.sync)
-            else:
-                os.unlink(action.name, dir_fd=self.fd)  # flushed with the dir at the end
-            dest = "deleted"
-        else:
-            if self.batch_error is not None:
-                raise ActionError(self.batch_error)
-            if self.batch is None:
-                listed = [
-                    record_item(a.name, a.reason, a.bytes, a.entry.sha256)
-                    for a in self.quarantined
-                    if a.entry is not None
-                ]
-                try:
-                    self.batch = QuarantineBatch(self.root, listed, now=self.now)
-                except (OSError, ActionError) as exc:
-                    # Nothing moved; the rest of the cycle's quarantines fail fast, alike.
-                    self.batch_error = f"cannot set up the quarantine dir: {exc}"
-                    raise ActionError(self.batch_error) from exc
-            dest = f"{TRASH}/{self.batch.move(self.fd, action.name)}"
-        self.pruned(action.name, action.reason, entry.size, dest, action.mode)
+        size = entry.size if entry.kind is Kind.FILE else None
+        expect = Expect(entry.device, entry.inode, entry.mtime_ns, size)
+        self.two.move_out(number, back_fd=self.fd, name=action.name, expect=expect)
 
-    def purge(self, action: Action) -> None:
-        assert action.trash_id is not None
-        self.purger.purge(
-            action.trash_id, model=action.name, reason=action.reason, size=action.bytes
+    def removed(self, number: int, action: Action) -> None:
+        """Log a delete phase 3 carried out."""
+        if action.kind is ActionKind.PURGE:
+            self.purger.purged(number, model=action.name, reason=action.reason, size=action.bytes)
+            return
+        assert action.entry is not None
+        self.log.info(
+            "model.pruned",
+            model=action.name,
+            reason=action.reason,
+            bytes=action.entry.size,
+            dest="deleted",
+            mode=action.mode,
+        )
+
+    def quarantine(self, action: Action) -> None:
+        entry = action.entry
+        assert entry is not None
+        check_unchanged(self.root, entry, dir_fd=self.fd)
+        if self.batch_error is not None:
+            raise ActionError(self.batch_error)
+        if self.batch is None:
+            listed = [
+                record_item(a.name, a.reason, a.bytes, a.entry.sha256)
+                for a in self.quarantined
+                if a.entry is not None
+            ]
+            try:
+                self.batch = QuarantineBatch(self.root, listed, now=self.now)
+            except (OSError, ActionError) as exc:
+                # Nothing moved; the rest of the cycle's quarantines fail fast, alike.
+                self.batch_error = f"cannot set up the quarantine dir: {exc}"
+                raise ActionError(self.batch_error) from exc
+        dest = f"{TRASH}/{self.batch.move(self.fd, action.name)}"
+        self.log.info(
+            "model.pruned",
+            model=action.name,
+            reason=action.reason,
+            bytes=entry.size,
+            dest=dest,
+            mode=action.mode,
         )
 
     def restore(self, action: Action, now: float) -> None:
@@ -115,6 +147,7 @@ class _Acting:
         try:
             if self.batch is not None:
                 self.batch.close(self.root, self.sync)
+            self.two.close()
             self.purger.close()
             self.sync.flush()
         except OSError as exc:
@@ -123,58 +156,151 @@ class _Acting:
             os.close(self.fd)
 
 
+def _is_delete(action: Action) -> bool:
+    """Whether carrying out *action* deletes something: two-phase (DESIGN §4)."""
+    return action.kind is ActionKind.PURGE or (
+        action.kind is ActionKind.PRUNE and action.mode == "delete"
+    )
+
+
+def _busy(log: Log, result: _Result, action: Action, holders: list[Holder], **extra: str) -> None:
+    text = holders_text(holders)
+    log.warning(
+        "model.busy",
+        model=action.name,
+        action=action.kind.value,
+        holders=text,
+        pids=[h.pid for h in holders],
+        **extra,
+    )
+    result.busy.append(Report(ReportKind.BUSY, action.name, f"held by {text}"))
+    result.skipped.append((action, f"busy: held by {text}"))
+
+
+def _attempt(log: Log, result: _Result, action: Action, step: Callable[[], None]) -> bool:
+    """Run one step of *action*; a change or a failure is logged and noted, never raised."""
+    try:
+        step()
+    except Changed as exc:
+        log.warning("model.changed", model=action.name, action=action.kind.value, reason=str(exc))
+        result.skipped.append((action, str(exc)))
+    except (OSError, ActionError) as exc:
+        log.error("action.failed", model=action.name, action=action.kind.value, error=str(exc))
+        result.failed.append((action, str(exc)))
+    else:
+        return True
+    return False
+
+
+def _stopping(log: Log, result: _Result, action: Action, stop: Callable[[], bool] | None) -> bool:
+    if stop is None or not stop():
+        return False
+    log.info("action.skipped", model=action.name, action=action.kind.value, reason="shutting down")
+    result.skipped.append((action, "shutting down"))
+    return True
+
+
 def _run_actions(
     acting: _Acting,
     actions: tuple[Action, ...],
-    held: dict[int, list[Holder]],
     result: _Result,
     *,
+    index: IndexFn | None,
     clock: Callable[[], float],
     stop: Callable[[], bool] | None,
-) -> None:
-    """Each action in order; one that fails or is skipped never stops the others."""
+) -> HandleIndex:
+    """Every action; one that fails or is skipped never stops the others. Returns the index.
+
+    Deletes go first out of their names (phase 1); then the one handle index is
+    built; then restores and quarantines run in plan order, skipping held
+    targets; last, each delete is carried out or put back (phase 3).
+    """
     log = acting.log
-    done, skipped = result.done.append, result.skipped.append
-    prune, purge_kind = ActionKind.PRUNE, ActionKind.PURGE
+    deletes = [i for i, action in enumerate(actions) if _is_delete(action)]
+    for i in deletes:
+        action = actions[i]
+        if not _stopping(log, result, action, stop):
+            _attempt(log, result, action, functools.partial(acting.move_out, i, action))
+    held, handle_index = find_holders(
+        acting.root, actions, index, moved=acting.two.moved, skip=set(deletes)
+    )
+    acting.quarantined = [
+        a
+        for i, a in enumerate(actions)
+        if a.kind is ActionKind.PRUNE and not _is_delete(a) and i not in held
+    ]
     for i, action in enumerate(actions):
-        if stop is not None and stop():
-            log.info(
-                "action.skipped",
-                model=action.name,
-                action=action.kind.value,
-                reason="shutting down",
-            )
-            skipped((action, "shutting down"))
+        if _is_delete(action) or _stopping(log, result, action, stop):
             continue
         if i in held:
-            text = holders_text(held[i])
-            log.warning(
-                "model.busy",
-                model=action.name,
-                action=action.kind.value,
-                holders=text,
-                pids=[h.pid for h in held[i]],
-            )
-            result.busy.append(Report(ReportKind.BUSY, action.name, f"held by {text}"))
-            skipped((action, f"busy: held by {text}"))
+            _busy(log, result, action, held[i])
             continue
-        try:
-            if action.kind is prune:
-                acting.prune(action)
-            elif action.kind is purge_kind:
-                acting.purge(action)
-            else:
-                acting.restore(action, clock())
-        except Changed as exc:
-            log.warning(
-                "model.changed", model=action.name, action=action.kind.value, reason=str(exc)
-            )
-            skipped((action, str(exc)))
-        except (OSError, ActionError) as exc:
-            log.error("action.failed", model=action.name, action=action.kind.value, error=str(exc))
-            result.failed.append((action, str(exc)))
+        if action.kind is ActionKind.PRUNE:
+            step = functools.partial(acting.quarantine, action)
         else:
-            done(action)
+            step = functools.partial(acting.restore, action, clock())
+        if _attempt(log, result, action, step):
+            result.done.append(action)
+    for settled in acting.two.settle(lambda moved: held.get(moved.number, [])):
+        action = actions[settled.moved.number]
+        if settled.holders:
+            extra = {} if settled.kept is None else {"kept": settled.kept}
+            _busy(log, result, action, settled.holders, **extra)
+        elif settled.error is not None:
+            log.error(
+                "action.failed", model=action.name, action=action.kind.value, error=settled.error
+            )
+            result.failed.append((action, settled.error))
+        else:
+            acting.removed(settled.moved.number, action)
+            result.done.append(action)
+    return handle_index
+
+
+def _act(
+    actions: tuple[Action, ...],
+    *,
+    root: str,
+    log: Log,
+    clock: Callable[[], float],
+    index: IndexFn | None,
+    stop: Callable[[], bool] | None,
+) -> tuple[_Result, HandleIndex]:
+    result = _Result()
+    try:
+        acting = _Acting(root, log=log, now=clock())
+    except OSError as exc:
+        log.error("action.failed", model=root, action="open model dir", error=str(exc))
+        result.failed.extend((a, str(exc)) for a in actions)
+        return result, HandleIndex()
+    try:
+        with logconf.batched():  # 50,000 prune lines: written in blocks, not one by one
+            handle_index = _run_actions(
+                acting, actions, result, index=index, clock=clock, stop=stop
+            )
+    finally:
+        acting.close()
+    return result, handle_index
+
+
+def purge(items: Sequence[TrashItem], *, root: Path | str, log: Log, reason: str) -> Outcome:
+    """Purge quarantined models now, without the engine cycle (`ocrd trash purge`): the
+    same two-phase path as the cycle's retention purge, logged alike."""
+    actions = tuple(
+        Action(
+            ActionKind.PURGE,
+            item.name,
+            reason=reason,
+            rule="ocrd trash purge",
+            bytes=item.size,
+            trash_id=item.id,
+        )
+        for item in items
+    )
+    result, _ = _act(
+        actions, root=str(root), log=log.bind(), clock=time.time, index=None, stop=None
+    )
+    return result.outcome()
 
 
 def apply(
@@ -189,10 +315,9 @@ def apply(
 ) -> Outcome:
     """Run the engine cycle around *plan*'s actions; see the module docstring."""
     root = str(root)
-    result = _Result()
     actions = plan.actions
     if not actions:
-        return result.outcome()
+        return Outcome()
     log = log.bind()  # one bound logger for the whole cycle, not one per line
 
     started = time.monotonic()
@@ -200,27 +325,11 @@ def apply(
         engine.release()
     except Exception as exc:  # any engine failure means: do nothing destructive
         log.error("engine.release_failed", engine=engine.name, error=str(exc), skipped=len(actions))
-        result.skipped.extend((a, "engine release failed") for a in actions)
-        return result.outcome(engine_error=f"release failed: {exc}")
+        skipped = _Result(skipped=[(a, "engine release failed") for a in actions])
+        return skipped.outcome(engine_error=f"release failed: {exc}")
     released_ms = round((time.monotonic() - started) * 1000, 1)
 
-    held, handle_index = find_holders(root, actions, index)
-    quarantined = [
-        a
-        for i, a in enumerate(actions)
-        if a.kind is ActionKind.PRUNE and a.mode != "delete" and i not in held
-    ]
-    try:
-        acting = _Acting(root, log=log, now=clock(), quarantined=quarantined)
-    except OSError as exc:
-        log.error("action.failed", model=root, action="open model dir", error=str(exc))
-        result.failed.extend((a, str(exc)) for a in actions)
-    else:
-        try:
-            with logconf.batched():  # 50,000 prune lines: written in blocks, not one by one
-                _run_actions(acting, actions, held, result, clock=clock, stop=stop)
-        finally:
-            acting.close()
+    result, handle_index = _act(actions, root=root, log=log, clock=clock, index=index, stop=stop)
 
     engine_error = None
     try:

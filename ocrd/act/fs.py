@@ -14,9 +14,8 @@ import secrets
 import stat
 from typing import Any
 
-from ocrd.act.tree import refuse_mounts, remove_path
+from ocrd.act.tree import remove_path
 from ocrd.core.model import Entry, Kind
-from ocrd.core.names import DELETING_PREFIX
 from ocrd.observe.scan import kind_of, tree_stats
 from ocrd.openfile import give_to_owner_of
 
@@ -137,17 +136,3 @@ def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> No
         size, newest = tree_stats(path)
         if size != entry.size or newest != entry.mtime:
             raise Changed("modified since the scan")
-
-
-def delete(root: str, name: str, kind: Kind, *, sync: Sync = NOW_SYNC) -> None:
-    """Remove root/name: files and links at once, directories via a hidden name."""
-    path = f"{root}/{name}"
-    if kind is Kind.DIR:
-        refuse_mounts(root, name)  # a model with a mount inside stays whole, under its name
-        hidden = hidden_name(DELETING_PREFIX)
-        os.rename(path, os.path.join(root, hidden))
-        fsync_dir(root)  # out of its name for good before its contents go
-        remove_path(root, hidden)  # what stays is finished by recovery
-    else:
-        os.unlink(path)
-        sync.dir(root)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 
+from ocrd.act.twophase import Moved
 from ocrd.core.model import Action, ActionKind, Kind
 from ocrd.core.names import TRASH
 from ocrd.observe.handles import HandleIndex, Holder, build_index
@@ -26,47 +27,48 @@ def holders_text(holders: Iterable[Holder]) -> str:
 
 
 def find_holders(
-    root: str, actions: tuple[Action, ...], index: IndexFn | None
+    root: str,
+    actions: tuple[Action, ...],
+    index: IndexFn | None,
+    *,
+    moved: Iterable[Moved] = (),
+    skip: Collection[int] = (),
 ) -> tuple[dict[int, list[Holder]], HandleIndex]:
-    """Who holds each action's target (by action number): one /proc index for all."""
-    dir_kind, purge_kind = Kind.DIR, ActionKind.PURGE
-    # A file as scanned (nearly every target); if it is another inode by now,
-    # check_unchanged skips it.
-    files = [
-        (i, entry)
-        for i, action in enumerate(actions)
-        if (entry := action.entry) is not None
-        and entry.kind is not dir_kind
-        and action.kind is not purge_kind
-    ]
-    devices = {entry.device for _, entry in files}
-    trees: dict[int, tuple[set[tuple[int, int]], set[str]]] = {}
+    """Who holds each action's target (by action number): one /proc index for all, built now.
+
+    A target a two-phase delete moved out (*moved*) is looked for by what moved;
+    actions in *skip* (deletes that did not move out) are left out.
+    """
+    groups: dict[int, tuple[set[tuple[int, int]], set[str]]] = {
+        m.number: (set(m.keys), set(m.paths)) for m in moved
+    }
     for i, action in enumerate(actions):
+        if i in groups or i in skip:
+            continue
         entry = action.entry
-        if entry is not None and entry.kind is not dir_kind and action.kind is not purge_kind:
+        if entry is not None and entry.kind is not Kind.DIR and action.kind is not ActionKind.PURGE:
+            # A file as scanned (nearly every target); if it is another inode by now,
+            # the re-check skips it.
+            groups[i] = ({(entry.device, entry.inode)}, {f"{root}/{entry.name}"})
             continue
         path = _target_path(root, action)
         if path is None:
             continue
         try:
-            trees[i] = tree_members(path)
+            groups[i] = tree_members(path)
         except FileNotFoundError:
             continue
-        devices.update(dev for dev, _ in trees[i][0])
+    devices = {dev for keys, _ in groups.values() for dev, _ in keys}
     if not devices:
         handle_index = HandleIndex()
     elif index is None:
         handle_index = build_index(devices, roots=(root,))
     else:
         handle_index = index(devices)
-    by_key, by_path = handle_index.holders, handle_index.paths
     held = {}
-    for i, entry in files:
-        key = (entry.device, entry.inode)
-        if key in by_key or (by_path and f"{root}/{entry.name}" in by_path):
-            held[i] = handle_index.who({key}, {f"{root}/{entry.name}"})
-    for i, (keys, paths) in trees.items():
-        holders = handle_index.who(keys, paths)
-        if holders:
-            held[i] = holders
+    for i, (keys, paths) in groups.items():
+        if any(k in handle_index.holders for k in keys) or any(
+            p in handle_index.paths for p in paths
+        ):
+            held[i] = handle_index.who(keys, paths)
     return held, handle_index

@@ -16,7 +16,8 @@ import time
 from typing import Any
 
 from ocrd.act.fs import NOW_SYNC, ActionError, Log, Sync, fsync_dir, hidden_name, write_durably
-from ocrd.act.tree import refuse_mounts, remove_path
+from ocrd.act.tree import remove_path
+from ocrd.act.twophase import Expect, TwoPhase
 from ocrd.core.model import TrashItem
 from ocrd.core.names import DELETING_PREFIX, RECORD, TRASH
 from ocrd.observe.trash import read_batch
@@ -125,39 +126,32 @@ def drop_if_empty(root: str, batch_id: str) -> bool:
     return True
 
 
-def purge(root: str, item_id: str, *, sync: Sync = NOW_SYNC) -> None:
-    """Remove one quarantined model for good (a directory is renamed out first).
-
-    The caller drops the batch once it is empty (drop_if_empty).
-    """
-    batch_id, name = item_id.split("/", 1)
-    path = os.path.join(root, TRASH, batch_id, name)
-    if stat.S_ISDIR(os.lstat(path).st_mode):
-        refuse_mounts(os.path.dirname(path), name)  # stays quarantined, whole
-        hidden = hidden_name(DELETING_PREFIX)
-        os.rename(path, os.path.join(root, hidden))
-        fsync_dir(root)
-        remove_path(root, hidden)
-    else:
-        os.unlink(path)
-        sync.dir(os.path.dirname(path))
-
-
 class Purger:
-    """Purging quarantined models for good, then dropping the batches left empty.
+    """Purging quarantined models for good, two-phase, then dropping emptied batches.
 
     The one purge path: the cycle's retention purge and `ocrd trash purge`
-    both go through it, so both log `trash.purged` alike and leave no empty
-    batch behind.
+    both go through it. Each item is first moved out of its batch under a
+    hidden name (TwoPhase); once the caller has built its handle index, each
+    is removed, or put back into its batch when a process holds it.
     """
 
-    def __init__(self, root: str, *, log: Log, sync: Sync = NOW_SYNC) -> None:
-        self.root, self.log, self.sync = root, log, sync
+    def __init__(self, two: TwoPhase, *, log: Log) -> None:
+        self.two, self.log = two, log
         self.emptied: set[str] = set()  # batches something was taken out of
+        self.items: dict[int, str] = {}  # moved-out number -> trash id
 
-    def purge(self, item_id: str, *, model: str, reason: str, size: int) -> None:
-        """Remove one item (raises OSError) and log it."""
-        purge(self.root, item_id, sync=self.sync)
+    def move_out(self, number: int, item_id: str) -> None:
+        """Phase 1 for one item (raises Changed, OSError)."""
+        batch_id, name = item_id.split("/", 1)
+        fd = self.two.batch_fd(batch_id)
+        st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        expect = Expect(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        self.two.move_out(number, back_fd=fd, name=name, expect=expect)
+        self.items[number] = item_id
+
+    def purged(self, number: int, *, model: str, reason: str, size: int) -> None:
+        """Log an item phase 3 removed."""
+        item_id = self.items.pop(number)
         self.emptied.add(item_id.split("/", 1)[0])
         self.log.info(
             "trash.purged",
@@ -172,7 +166,7 @@ class Purger:
         """Drop the batches left without models; a failure is logged, recovery retries."""
         for batch_id in sorted(self.emptied):
             try:
-                drop_if_empty(self.root, batch_id)
+                drop_if_empty(self.two.root, batch_id)
             except OSError as exc:
                 self.log.error("trash.cleanup_failed", error=str(exc))
         self.emptied.clear()

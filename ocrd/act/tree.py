@@ -268,8 +268,3 @@ def _in(root: str, name: str, what: Callable[[int, str], None]) -> None:
 def remove_path(root: str, name: str) -> None:
     """remove_whole() for *name* in the directory *root* (opened without following a link)."""
     _in(root, name, remove_whole)
-
-
-def refuse_mounts(root: str, name: str) -> None:
-    """refuse_mounts_at() for *name* in the directory *root*."""
-    _in(root, name, refuse_mounts_at)

@@ -79,6 +79,7 @@ RESTART_KILLS = (
 RESTART_KILL_SHARE = 0.35
 
 APPLY_RANDOM = 1000 if SOAK else 30
+STDOUT_SLACK = 3  # writes to stdout a run may make beyond the traced run's
 DAEMON_STRACE = 16  # seeded (syscall, N) points of the first cycle; the soak walks them all
 DAEMON_RANDOM = 500 if SOAK else 15
 DAEMON_BURSTS = 500 if SOAK else 12
@@ -164,10 +165,13 @@ def audit(job: Job, *, converged: bool, where: str) -> None:
                 problems.append(f"{name} is not a (partial) copy of a restore source")
             continue
         if name.startswith(DELETING_PREFIX):
+            # A delete's target out of its name (two-phase), or a tree being removed.
             if converged:
                 problems.append(f"leftover {name} survived the restart")
-            elif not stat.S_ISDIR(os.lstat(path).st_mode):
-                problems.append(f"{name} is not a directory (only trees are deleted so)")
+            elif not stat.S_ISDIR(os.lstat(path).st_mode) and not any(
+                fingerprint(path) in (model.orig, *model.trash) for model in manifest.values()
+            ):
+                problems.append(f"{name} is not a known version of a model being deleted")
             continue
         model = manifest.get(name)
         if model is None:
@@ -651,7 +655,11 @@ def test_apply_killed_at_every_syscall(harness: Harness) -> None:
         assert len(to_files) >= 4, f"too few writes to files traced ({mode}): {every}"
         for n in range(1, len(every) + 1) if SOAK else to_files:
             assert apply_point(h, mode, "write", n), f"write #{n} ({mode}) was not reached"
-        assert not apply_point(h, mode, "write", len(every) + 1), "more writes than traced"
+        # Log lines go out in blocks flushed by time (every 0.1 s), so a run may make a few
+        # more or fewer writes to stdout than the traced one; its writes to files (walked
+        # above) are the same each run.
+        slack = STDOUT_SLACK + sum(1 for _, args in every if int(args.split(",")[0]) <= 2) // 4
+        assert not apply_point(h, mode, "write", len(every) + slack + 1), "more writes than traced"
         calls[f"{mode}/write"] = len(every)
 
     # The longest walks first, so that the two workers finish together.

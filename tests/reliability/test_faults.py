@@ -35,6 +35,7 @@ from tests.support.files import digest, leftovers, make_model, sha256
 from tests.support.logs import epoch, log_lines
 from tests.support.mounts import CAN_MOUNT, MOUNT
 from tests.support.policy import policy_data, read_status, save_policy, status_when
+from tests.support.procs import RENAMES, in_syscall
 from tests.support.wait import wait_for
 
 QUEUE_SYSCTL = Path("/proc/sys/fs/inotify/max_queued_events")
@@ -421,12 +422,23 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
     make_model(models, "old_a", b"original bytes")
     save_policy(policy, policy_data(models, prune={"action": mode}))
     trace = tmp_path / "strace.log"
-    # After planning, the handle check opens /proc to index every process: stop there
-    # (SIGSTOP on that syscall), swap the file, continue into the re-check and the act.
+    if mode == "quarantine":
+        # After planning, the handle check opens /proc to index every process: stop there
+        # (SIGSTOP on that syscall), swap the file, continue into the re-check and the act.
+        stop_at = ["-P", "/proc", "-e", "trace=openat", "-e", "inject=openat:signal=STOP:when=1"]
+        reason = "replaced since the scan"
+    else:
+        # A delete moves its target out of its name first (two-phase), re-checked just
+        # before: hold ocrd at that rename, past the re-check, and swap the file there.
+        # What moves is then the replacement, which goes back untouched.
+        stop_at = [
+            "-e", "trace=renameat,renameat2",
+            "-e", "inject=renameat,renameat2:delay_enter=2000000:when=1",
+        ]  # fmt: skip
+        reason = "replaced since the re-check (a new entry took its name); "
+        reason += "put back, nothing deleted"
     argv = [
-        STRACE, "-f", "-qq", "-o", str(trace), "-P", "/proc", "-e", "trace=openat",
-        "-e", "inject=openat:signal=STOP:when=1",
-        OCRD, "--config", str(policy), "apply",
+        STRACE, "-f", "-qq", "-o", str(trace), *stop_at, OCRD, "--config", str(policy), "apply",
     ]  # fmt: skip
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -440,10 +452,14 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
             found = re.search(r"^(\d+)\s+--- stopped by SIGSTOP", text, re.MULTILINE)
             return int(found.group(1)) if found else None
 
-        stopped_pid = wait_for(stopped, timeout=20, what="ocrd stopped between plan and act")
+        if mode == "quarantine":
+            stopped_pid = wait_for(stopped, timeout=20, what="ocrd stopped between plan and act")
+        else:
+            wait_for(lambda: in_syscall(proc, RENAMES), timeout=20, what="ocrd held at a rename")
         os.rename(models / "old_a", tmp_path / "moved-away")  # someone swaps the model
         make_model(models, "old_a", b"a replacement written meanwhile")
-        os.kill(stopped_pid, signal.SIGCONT)
+        if stopped_pid is not None:
+            os.kill(stopped_pid, signal.SIGCONT)
         out, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
@@ -456,7 +472,7 @@ def test_model_replaced_between_plan_and_act_is_left_alone_by_apply(
     logs = log_lines(out)
     assert proc.returncode == 1, (out, err)  # not converged: a target was skipped
     changed = [e for e in logs if e["event"] == "model.changed"]
-    assert [(e["model"], e["reason"]) for e in changed] == [("old_a", "replaced since the scan")]
+    assert [(e["model"], e["reason"]) for e in changed] == [("old_a", reason)]
     assert not [e for e in logs if e["event"] in ("model.pruned", "action.failed")], logs
     assert (models / "old_a").read_bytes() == b"a replacement written meanwhile"
     assert (tmp_path / "moved-away").read_bytes() == b"original bytes"

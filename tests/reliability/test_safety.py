@@ -5,6 +5,7 @@ root run before the service user's (DESIGN §4, issue "Safety")."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import pwd
 import shutil
@@ -21,6 +22,7 @@ from tests.support.cli import Result
 from tests.support.daemon import Daemons
 from tests.support.files import make_model
 from tests.support.policy import policy_data, read_status, save_policy, write_policy
+from tests.support.procs import RENAMES, in_syscall
 
 ROOT = os.geteuid() == 0
 MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
@@ -431,3 +433,110 @@ def test_a_lock_left_by_root_names_the_fix(
     assert done.returncode == 1, done
     assert done.stderr.count("\n") == 1, done.stderr
     assert "belongs to root" in done.stderr and "chown" in done.stderr, done.stderr
+
+
+# -- no deletion under a holder, at any instant -------------------------------------------
+
+STRACE = shutil.which("strace")
+needs_strace = pytest.mark.skipif(STRACE is None, reason="strace is not installed")
+
+
+@needs_strace
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+def test_a_fresh_copy_put_under_a_planned_name_in_the_window_is_never_deleted(
+    models: Path, policy: Path, env: dict[str, str]
+) -> None:
+    """strace holds ocrd at the rename that moves a delete's target out of its name; in that
+    window a fresh copy replaces the file. The fresh copy is what moved, so it is put back,
+    untouched, and reported `model.changed`; the old file was never deleted either (it
+    was replaced by the copy, not by ocrd)."""
+    make_model(models, "old_a", b"stale", age=7200)
+    delete_policy(policy, models)
+    assert STRACE is not None
+    argv = [
+        STRACE, "-f", "-qq", "-o", "/dev/null",
+        "-e", "trace=renameat,renameat2",
+        "-e", "inject=renameat,renameat2:delay_enter=1500000:when=1",
+        str(Path(sys.executable).parent / "ocrd"), "--config", str(policy), "apply",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not in_syscall(proc, RENAMES):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.005)
+        fresh = models / ".fresh.tmp"
+        fresh.write_bytes(b"fresh copy")
+        os.replace(fresh, models / "old_a")  # a new inode under the planned name
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    logs = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert (models / "old_a").read_bytes() == b"fresh copy", (out, err)
+    changed = [e for e in logs if e["event"] == "model.changed"]
+    assert [e["model"] for e in changed] == ["old_a"], logs
+    assert not [e for e in logs if e["event"] == "model.pruned"], logs
+    assert [n for n in os.listdir(models) if n.startswith(".ocrd-deleting-")] == []
+
+
+HOLDER = r"""
+import os, sys, time
+path, delay, report = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+time.sleep(delay)
+try:
+    fd = os.open(path, os.O_RDONLY)
+except FileNotFoundError:
+    open(report, "w").write("missed")
+    sys.exit(0)
+open(report, "w").write("opened")
+sys.stdin.read()  # hold it until the test is done
+st = os.fstat(fd)
+open(report, "w").write(f"held nlink={st.st_nlink}")
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
+def test_a_process_opening_a_target_at_a_random_instant_is_never_deleted_under(
+    run_ocrd: Callable[..., Result],
+    models: Path,
+    policy: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    seed: int,
+) -> None:
+    """A 5,000-model delete cycle; a worker opens one of the later targets at a random
+    instant (seeded) while it runs. Whatever the instant, the worker either found no file
+    (it had moved out of its name) or holds one that still exists (nlink 1, under its
+    name, reported busy): never a deleted file."""
+    import random
+
+    rng = random.Random(seed)
+    count = 5000
+    for i in range(count):
+        make_model(models, f"old_{i:05d}", b"m", age=10_000 - i)  # old_00000 is the oldest
+    write_policy(policy, policy_data(models, prune={"action": "delete"}))
+    target = models / f"old_{rng.randrange(count // 2, count):05d}"  # one of the later ones
+    report = tmp_path / "holder.txt"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(target), f"{rng.uniform(0.0, 1.2):.3f}", str(report)],
+        stdin=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        result = run_ocrd("--config", policy, "apply", timeout=120)
+    finally:
+        holder.communicate(input="", timeout=30)
+    outcome = report.read_text() if report.exists() else "not started"
+    busy = [e for e in result.logs() if e["event"] == "model.busy"]
+    if outcome.startswith("held"):
+        assert outcome == "held nlink=1", (outcome, busy)
+        assert target.exists()
+        assert [e["model"] for e in busy] == [target.name]
+        assert result.code == 1  # not converged: a model was busy
+    else:
+        assert outcome in ("missed", "opened"), outcome  # "opened" then still held: nlink > 0
+        assert busy == [] or [e["model"] for e in busy] == [target.name]
+    assert [n for n in os.listdir(models) if n.startswith(".ocrd-deleting-")] == []

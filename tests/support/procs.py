@@ -110,3 +110,25 @@ def mapped_paths(pid: int) -> list[str]:
     """The path of every file mapping of *pid* (from /proc/PID/maps)."""
     lines = Path(f"/proc/{pid}/maps").read_text(errors="replace").splitlines()
     return [f[5].strip() for f in (line.split(None, 5) for line in lines) if len(f) == 6]
+
+
+RENAMES = {264, 316}  # renameat, renameat2 on x86_64, as /proc/PID/syscall shows them
+
+
+def in_syscall(proc: subprocess.Popen[str], numbers: set[int]) -> bool:
+    """Whether a process below *proc* (strace's tracee, held by delay_enter) is in one of
+    the syscalls *numbers* right now."""
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for child in children:
+        try:
+            first = Path(f"/proc/{child.pid}/syscall").read_text().split()[0]
+        except (OSError, IndexError):
+            continue
+        if first.isdigit() and int(first) in numbers:
+            return True
+    return False

@@ -1,0 +1,175 @@
+"""Deleting so that no holder is ever deleted under: out of its name first, then decide.
+
+Every delete (a prune with `action: delete`, a purge of the quarantine) is
+two-phase (DESIGN §4):
+
+1. **out**: the target is renamed from its name to a hidden `.ocrd-deleting-*`
+   name in the model dir. The rename is atomic; from then on no process can
+   open it by its name. The moved entry is checked to be the one planned
+   (device, inode, and for a file its size and mtime); if it is not — a
+   fresh copy was put under the name between the re-check and the rename —
+   it goes back without replacing anything, and the target is `model.changed`.
+2. **index**: the caller builds the cycle's one handle index after the last
+   rename, over what moved out (`members()`).
+3. **finish**: what nobody holds is removed; a held one goes back under its
+   name (never over an entry that appeared there meanwhile) and is reported
+   busy. One that cannot go back stays under its hidden name, where recovery
+   removes it once nobody holds it.
+
+A crash between the phases leaves only hidden names, which recovery finishes
+(after its own handle check). Nothing here logs; the caller reports.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ocrd.act.fs import Changed, hidden_name, rename_noreplace
+from ocrd.act.tree import DIR_FLAGS, refuse_mounts_at, remove_whole
+from ocrd.core.names import DELETING_PREFIX, TRASH
+from ocrd.observe.handles import Holder
+from ocrd.observe.scan import tree_members
+
+
+@dataclass(frozen=True, slots=True)
+class Expect:
+    """What the target must still be once it has moved out."""
+
+    device: int
+    inode: int
+    mtime_ns: int | None = None  # checked when known
+    size: int | None = None  # checked for files, when known
+
+
+@dataclass(slots=True)
+class Moved:
+    """One target out of its name: where it came from, where it is, what it is."""
+
+    number: int  # the caller's number for it (its action's index in the plan)
+    back_fd: int  # the directory it came from (the model dir, or a quarantine batch)
+    name: str  # its name there
+    hidden: str  # its name in the model dir now
+    is_dir: bool
+    keys: frozenset[tuple[int, int]] = frozenset()  # every (device, inode) in it
+    paths: frozenset[str] = frozenset()  # and every path, for the mapping check
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """How phase 3 ended for one target."""
+
+    moved: Moved
+    holders: list[Holder]  # not empty: it was held, and went back (or stays hidden)
+    kept: str | None = None  # held and could not go back: the hidden name it stays under
+    error: str | None = None  # nobody held it, but it could not be removed (whole)
+
+    @property
+    def removed(self) -> bool:
+        return not self.holders and self.error is None
+
+
+def _matches(st: os.stat_result, expect: Expect) -> bool:
+    if (st.st_dev, st.st_ino) != (expect.device, expect.inode):
+        return False
+    if expect.mtime_ns is not None and st.st_mtime_ns != expect.mtime_ns:
+        return False
+    return not (expect.size is not None and stat.S_ISREG(st.st_mode) and st.st_size != expect.size)
+
+
+class TwoPhase:
+    """The targets of one cycle's deletes, between the phases."""
+
+    def __init__(self, root: str, root_fd: int) -> None:
+        self.root, self.root_fd = root, root_fd
+        self.moved: list[Moved] = []
+        self._trash_fd: int | None = None
+        self._batches: dict[str, int] = {}
+
+    def batch_fd(self, batch_id: str) -> int:
+        """A quarantine batch directory, opened through `.ocrd-trash` without following a
+        link at either level (a symlinked trash is refused: ELOOP/ENOTDIR)."""
+        if batch_id not in self._batches:
+            if self._trash_fd is None:
+                self._trash_fd = os.open(TRASH, DIR_FLAGS, dir_fd=self.root_fd)
+            self._batches[batch_id] = os.open(batch_id, DIR_FLAGS, dir_fd=self._trash_fd)
+        return self._batches[batch_id]
+
+    def close(self) -> None:
+        for fd in self._batches.values():
+            os.close(fd)
+        self._batches.clear()
+        if self._trash_fd is not None:
+            os.close(self._trash_fd)
+            self._trash_fd = None
+
+    def move_out(self, number: int, *, back_fd: int, name: str, expect: Expect) -> Moved:
+        """Phase 1 for one target; raises Changed (after putting it back) when the entry
+        that moved is not the one planned, OSError when the rename fails."""
+        if stat.S_ISDIR(os.stat(name, dir_fd=back_fd, follow_symlinks=False).st_mode):
+            # A model with a mount point inside stays whole, under its name.
+            refuse_mounts_at(back_fd, name)
+        hidden = hidden_name(DELETING_PREFIX)
+        os.rename(name, hidden, src_dir_fd=back_fd, dst_dir_fd=self.root_fd)
+        st = os.stat(hidden, dir_fd=self.root_fd, follow_symlinks=False)
+        moved = Moved(number, back_fd, name, hidden, stat.S_ISDIR(st.st_mode))
+        if not _matches(st, expect):
+            where = self.put_back(moved)
+            raise Changed(
+                "replaced since the re-check (a new entry took its name); "
+                + ("put back, nothing deleted" if where is None else f"kept as {where}")
+            )
+        if moved.is_dir:
+            keys, paths = tree_members(os.path.join(self.root, hidden))
+            moved.keys, moved.paths = frozenset(keys), frozenset(paths)
+        else:
+            moved.keys = frozenset({(st.st_dev, st.st_ino)})
+            moved.paths = frozenset({os.path.join(self.root, hidden)})
+        self.moved.append(moved)
+        return moved
+
+    def members(self) -> tuple[set[int], set[str]]:
+        """The devices and paths the handle index must cover (phase 2)."""
+        devices = {dev for m in self.moved for dev, _ in m.keys}
+        paths = {p for m in self.moved for p in m.paths}
+        return devices, paths
+
+    def put_back(self, moved: Moved) -> str | None:
+        """Back under its name, never over a new entry; returns None when it went back,
+        else the hidden name it stays under."""
+        try:
+            rename_noreplace(
+                moved.hidden, moved.name, src_dir_fd=self.root_fd, dst_dir_fd=moved.back_fd
+            )
+        except OSError:
+            return moved.hidden
+        return None
+
+    def settle(self, who: Callable[[Moved], list[Holder]]) -> list[Settled]:
+        """Phase 3: each moved target removed, or (held) put back; in the order moved.
+
+        *who* answers from the cycle's one handle index, built after the renames.
+        """
+        settled = []
+        for moved in self.moved:
+            holders = who(moved)
+            if holders:
+                settled.append(Settled(moved, holders, kept=self.put_back(moved)))
+                continue
+            try:
+                self.remove(moved)
+            except OSError as exc:  # what stays is under its hidden name: recovery retries
+                settled.append(Settled(moved, [], error=f"{exc} (kept as {moved.hidden})"))
+            else:
+                settled.append(Settled(moved, []))
+        self.moved = []
+        return settled
+
+    def remove(self, moved: Moved) -> None:
+        """Phase 3 for a target nobody holds: gone for good (raises Leftover/OSError)."""
+        if moved.is_dir:
+            remove_whole(self.root_fd, moved.hidden)
+        else:
+            os.unlink(moved.hidden, dir_fd=self.root_fd)
