@@ -24,8 +24,8 @@ from ocrd.act.fs import ActionError, Changed, Log, Sync, check_unchanged
 from ocrd.act.holders import IndexFn, find_holders, holders_text
 from ocrd.act.listing import ocrd_models, open_and_compare
 from ocrd.act.restore import restore
-from ocrd.act.trash import Purger, QuarantineBatch, record_item
-from ocrd.act.twophase import Expect, TwoPhase
+from ocrd.act.trash import Purger, QuarantineBatch, quarantine, record_item
+from ocrd.act.twophase import Expect, Moved, TwoPhase
 from ocrd.core.model import (
     Action,
     ActionKind,
@@ -67,11 +67,26 @@ class _Acting:
         self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         self.sync = Sync(batch=True)
         self.sync.dir(root)  # whatever the actions do there is flushed once, at the end
-        self.two = TwoPhase(root, self.fd)
+        self.two = TwoPhase(root, self.fd, keep=self._keep)
         self.purger = Purger(self.two, log=log)
         self.quarantined: list[Action] = []  # what the batch record lists
         self.batch: QuarantineBatch | None = None
         self.batch_error: str | None = None  # why this cycle's batch could not be made
+
+    def _keep(self, moved: Moved) -> str:
+        """A delete's target that cannot go back under its name (a newer entry took it):
+        into the quarantine, under its name, instead of being lost or deleted."""
+        size = os.stat(moved.hidden, dir_fd=self.fd, follow_symlinks=False).st_size
+        item_id = quarantine(
+            self.root,
+            moved.hidden,
+            as_name=moved.name,
+            reason="could not go back under its name (a newer entry took it); kept",
+            size=size,
+            sha256=None,
+            now=self.now,
+        )
+        return f"{TRASH}/{item_id}"
 
     def move_out(self, number: int, action: Action) -> None:
         """Phase 1 of a delete: a prune in delete mode, or a purge."""

@@ -76,11 +76,12 @@ class QuarantineBatch:
                 remove_path(trash, self.id)  # nothing moved in yet
             raise
 
-    def move(self, root_fd: int, name: str) -> str:
-        """Rename *name* from the model dir into the batch; returns its trash id."""
-        os.rename(name, name, src_dir_fd=root_fd, dst_dir_fd=self._fd)
+    def move(self, root_fd: int, name: str, *, as_name: str | None = None) -> str:
+        """Rename *name* from the model dir into the batch (as *as_name*); its trash id."""
+        as_name = as_name or name
+        os.rename(name, as_name, src_dir_fd=root_fd, dst_dir_fd=self._fd)
         self.moved += 1
-        return f"{self.id}/{name}"
+        return f"{self.id}/{as_name}"
 
     def close(self, root: str, sync: Sync) -> None:
         """Flush the moves (or, if nothing moved, remove the batch again)."""
@@ -97,13 +98,22 @@ def record_item(name: str, reason: str, size: int, sha256: str | None) -> dict[s
 
 
 def quarantine(
-    root: str, name: str, *, reason: str, size: int, sha256: str | None, now: float
+    root: str,
+    name: str,
+    *,
+    reason: str,
+    size: int,
+    sha256: str | None,
+    now: float,
+    as_name: str | None = None,
 ) -> str:
-    """Move root/name into a quarantine batch of its own; returns its trash id."""
-    batch = QuarantineBatch(root, [record_item(name, reason, size, sha256)], now=now)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    """Move root/name into a quarantine batch of its own (recorded as *as_name*, its
+    model's name, when it is under a hidden name now); returns its trash id."""
+    listed = record_item(as_name or name, reason, size, sha256)
+    batch = QuarantineBatch(root, [listed], now=now)
+    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        item_id = batch.move(root_fd, name)
+        item_id = batch.move(root_fd, name, as_name=as_name)
     finally:
         os.close(root_fd)
         batch.close(root, NOW_SYNC)

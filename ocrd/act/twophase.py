@@ -13,8 +13,8 @@ two-phase (DESIGN §4):
    rename, over what moved out (`members()`).
 3. **finish**: what nobody holds is removed; a held one goes back under its
    name (never over an entry that appeared there meanwhile) and is reported
-   busy. One that cannot go back stays under its hidden name, where recovery
-   removes it once nobody holds it.
+   busy. One that cannot go back (a newer entry took its name) is kept in the
+   quarantine under its name (the caller's *keep*), never deleted.
 
 A crash between the phases leaves only hidden names, which recovery finishes
 (after its own handle check). Nothing here logs; the caller reports.
@@ -82,8 +82,11 @@ def _matches(st: os.stat_result, expect: Expect) -> bool:
 class TwoPhase:
     """The targets of one cycle's deletes, between the phases."""
 
-    def __init__(self, root: str, root_fd: int) -> None:
-        self.root, self.root_fd = root, root_fd
+    def __init__(
+        self, root: str, root_fd: int, *, keep: Callable[[Moved], str] | None = None
+    ) -> None:
+        """*keep* moves a target that cannot go back somewhere safe and says where."""
+        self.root, self.root_fd, self.keep = root, root_fd, keep
         self.moved: list[Moved] = []
         self._trash_fd: int | None = None
         self._batches: dict[str, int] = {}
@@ -138,13 +141,19 @@ class TwoPhase:
 
     def put_back(self, moved: Moved) -> str | None:
         """Back under its name, never over a new entry; returns None when it went back,
-        else the hidden name it stays under."""
+        else where it was kept instead (the quarantine; its hidden name as a last resort,
+        which recovery removes only once nobody holds it)."""
         try:
             rename_noreplace(
                 moved.hidden, moved.name, src_dir_fd=self.root_fd, dst_dir_fd=moved.back_fd
             )
         except OSError:
-            return moved.hidden
+            if self.keep is None:
+                return moved.hidden
+            try:
+                return self.keep(moved)
+            except OSError:
+                return moved.hidden
         return None
 
     def settle(self, who: Callable[[Moved], list[Holder]]) -> list[Settled]:

@@ -972,8 +972,8 @@ main()
 
 @pytest.mark.parametrize("mode", ["alone", "thread"])
 def test_exit_runs_exit_handlers_and_waits_for_threads(mode: str) -> None:
-    """ocrd ends without the interpreter's teardown, but runs the exit handlers and loses
-    no output; with another thread still running it exits the usual way (and waits)."""
+    """ocrd ends the usual way (sys.exit): it runs the exit handlers and loses
+    no output, and with another thread still running it waits for it."""
     r = subprocess.run(
         [sys.executable, "-c", EXIT_PROBE, mode], capture_output=True, text=True, timeout=60
     )
