@@ -257,10 +257,13 @@ def trash() -> None:
 def trash_list(obj: _Context, as_json: bool) -> None:
     """Quarantined models, oldest first."""
     from ocrd.core import render
-    from ocrd.observe.trash import read_trash
+    from ocrd.observe.trash import read_trash, trash_problem
 
     policy = obj.load().policy
     _require_dir(policy.model_dir)
+    problem = trash_problem(str(policy.model_dir))
+    if problem:
+        click.echo(f"ocrd: warning: {policy.model_dir}/{problem}; nothing listed", err=True)
     items = read_trash(str(policy.model_dir))
     now = time.time()
     if as_json:
@@ -339,11 +342,15 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
     from ocrd import log
     from ocrd.act.apply import purge
     from ocrd.daemon.lock import DirLock
-    from ocrd.observe.trash import read_trash
+    from ocrd.observe.trash import read_trash, trash_problem
 
     policy = obj.load(log_stream=sys.stdout).policy
     _require_dir(policy.model_dir)
     root = str(policy.model_dir)
+    problem = trash_problem(root)
+    if problem:
+        click.echo(f"ocrd: error: {root}/{problem}; nothing purged. Remove it.", err=True)
+        sys.exit(EXIT_PROBLEMS)
     with DirLock(policy.model_dir):
         now = time.time()
         due = [

@@ -12,7 +12,7 @@ from ocrd.core.names import DELETING_PREFIX, TMP_PREFIX, TRASH
 from ocrd.log import LISTED
 from ocrd.observe.handles import build_index
 from ocrd.observe.scan import tree_members
-from ocrd.observe.trash import read_batch
+from ocrd.observe.trash import read_batch, trash_problem
 
 
 def _held(root: str, names: list[str]) -> dict[str, str]:
@@ -68,6 +68,10 @@ def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[
         log.info("recovery.removed", path=name, what=what)
         cleaned.append(name)
     trash = os.path.join(root, TRASH)
+    problem = trash_problem(root)
+    if problem is not None:
+        log.warning("recovery.kept", path=TRASH, reason=problem)
+        return cleaned
     try:
         batches = sorted(os.scandir(trash), key=lambda c: c.name)
     except (FileNotFoundError, NotADirectoryError):

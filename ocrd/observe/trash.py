@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import operator
 import os
+import stat
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ocrd.core.model import TrashItem
 from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
+from ocrd.openfile import kind_of
 
 _by_time_id = operator.attrgetter("trashed_at", "id")
 
@@ -101,10 +103,32 @@ def _read_record(path: str, batch_id: str) -> Mapping[str, TrashItem] | None:
     return items
 
 
+def trash_problem(root: str) -> str | None:
+    """Why `root/.ocrd-trash` must not be read or written (None: a real directory, or none).
+
+    A symlink (or anything but a directory) there is never followed: reading or
+    purging through it would reach outside the model dir.
+    """
+    try:
+        st = os.lstat(os.path.join(root, TRASH))
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{TRASH} cannot be inspected ({exc.strerror})"
+    if stat.S_ISDIR(st.st_mode):
+        return None
+    return f"{TRASH} is {kind_of(st.st_mode)}, not ocrd's quarantine; it is never followed"
+
+
 def read_trash(root: str) -> tuple[TrashItem, ...]:
-    """Quarantined models in `root/.ocrd-trash/`: record entries whose payload is there."""
+    """Quarantined models in `root/.ocrd-trash/`: record entries whose payload is there.
+
+    Nothing when `.ocrd-trash` is not a real directory (see trash_problem).
+    """
     trash = os.path.join(root, TRASH)
     items: list[TrashItem] = []
+    if trash_problem(root) is not None:
+        return ()
     try:
         it = os.scandir(trash)
     except (FileNotFoundError, NotADirectoryError):

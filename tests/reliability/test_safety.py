@@ -540,3 +540,47 @@ def test_a_process_opening_a_target_at_a_random_instant_is_never_deleted_under(
         assert outcome in ("missed", "opened"), outcome  # "opened" then still held: nlink > 0
         assert busy == [] or [e["model"] for e in busy] == [target.name]
     assert [n for n in os.listdir(models) if n.startswith(".ocrd-deleting-")] == []
+
+
+def test_a_symlinked_trash_is_never_followed(
+    run_ocrd: Callable[..., Result], models: Path, policy: Path, tmp_path: Path
+) -> None:
+    """`.ocrd-trash` made a symlink to a directory outside that looks like a quarantine (a
+    record-shaped batch, an empty batch): recovery, the retention purge, `trash list` and
+    `trash purge --all` touch nothing there, each saying why."""
+    outside = tmp_path / "outside"
+    (outside / "b1").mkdir(parents=True)
+    (outside / "b1" / ".ocrd-record.json").write_text(
+        json.dumps(
+            {
+                "version": 2,
+                "trashed_at": 0,
+                "items": [{"name": "precious.bin", "reason": "x", "size": 8, "sha256": None}],
+            }
+        )
+    )
+    (outside / "b1" / "precious.bin").write_bytes(b"precious")
+    (outside / "empty").mkdir()
+    (outside / "empty" / ".ocrd-record.json").write_text(
+        json.dumps({"version": 2, "trashed_at": 0, "items": []})
+    )
+    (models / ".ocrd-trash").symlink_to(outside)
+    make_model(models, "old_a", age=3600)
+    write_policy(policy, policy_data(models, quarantine={"retention": "1s"}))
+
+    def untouched() -> None:
+        assert (outside / "b1" / "precious.bin").read_bytes() == b"precious"
+        assert (outside / "empty").is_dir()
+        assert (models / ".ocrd-trash").is_symlink()
+
+    applied = run_ocrd("--config", policy, "apply")
+    untouched()
+    kept = [e for e in applied.logs() if e["event"] == "recovery.kept"]
+    assert kept and "never followed" in kept[0]["reason"], applied
+    failed = [e for e in applied.logs() if e["event"] == "action.failed"]
+    assert [e["model"] for e in failed] == ["old_a"], applied  # no quarantine through it
+    listed = run_ocrd("--config", policy, "trash", "list")
+    assert "never followed" in listed.err and "precious" not in listed.out, listed
+    purged = run_ocrd("--config", policy, "trash", "purge", "--all")
+    assert purged.code == 1 and "never followed" in purged.err, purged
+    untouched()
