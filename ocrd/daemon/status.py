@@ -19,6 +19,7 @@ from ocrd.core.model import ReportKind
 from ocrd.daemon.backoff import Backoff
 from ocrd.daemon.view import ViewGuard
 from ocrd.observe.handles import DeletedHeld, pinned_bytes
+from ocrd.openfile import NotRegularError, open_regular
 
 if TYPE_CHECKING:  # `ocrd status` reads the file without importing the cycle's machinery
     from ocrd.cycle import CycleResult
@@ -184,10 +185,11 @@ def read(state_dir: Path) -> tuple[Path, dict[str, Any]] | None:
     best: tuple[float, Path, dict[str, Any]] | None = None
     for path in candidates(state_dir):
         try:
-            mtime = path.stat().st_mtime
-            with open(path, encoding="utf-8") as fh:
+            fd = open_regular(path)  # a FIFO or a link in its place is no status file
+            with os.fdopen(fd, encoding="utf-8") as fh:
+                mtime = os.fstat(fd).st_mtime
                 data = json.load(fh)
-        except (OSError, ValueError):
+        except (OSError, NotRegularError, ValueError):
             continue
         if isinstance(data, dict) and (best is None or mtime > best[0]):
             best = (mtime, path, data)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ocrd import statefile
+from ocrd.openfile import NotRegularError, open_regular
 
 BLOCK = 4 * 1024 * 1024
 CACHE_FILE = "hashes.json"
@@ -51,11 +52,12 @@ class HashCache:
         self._dirty = False
         if self.path is not None:
             try:
-                with open(self.path, encoding="utf-8") as fh:
+                fd = open_regular(self.path)  # never block on a FIFO put in its place
+                with os.fdopen(fd, encoding="utf-8") as fh:
                     loaded = json.load(fh)
                 if isinstance(loaded, dict) and loaded.get("version") == 1:
                     self._data = {str(k): str(v) for k, v in loaded["hashes"].items()}
-            except (OSError, ValueError, KeyError, AttributeError):
+            except (OSError, NotRegularError, ValueError, KeyError, AttributeError):
                 self._data = {}
 
     @staticmethod

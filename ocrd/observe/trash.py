@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from ocrd.core.model import TrashItem
 from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
-from ocrd.openfile import kind_of
+from ocrd.openfile import NotRegularError, kind_of, open_regular
 
 _by_time_id = operator.attrgetter("trashed_at", "id")
 
@@ -82,8 +82,8 @@ def read_batch(path: str) -> Batch:
 def _read_record(path: str, batch_id: str) -> Mapping[str, TrashItem] | None:
     """A record's items by name (None if it cannot be read as one); see _records."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
+        fd = open_regular(path)  # a FIFO or a link named like a record is no record
+    except (OSError, NotRegularError):
         return None
     with os.fdopen(fd, encoding="utf-8") as fh:
         st = os.fstat(fd)
@@ -131,8 +131,8 @@ def read_trash(root: str) -> tuple[TrashItem, ...]:
         return ()
     try:
         it = os.scandir(trash)
-    except (FileNotFoundError, NotADirectoryError):
-        return ()
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return ()  # PermissionError: another user's trash; read-only commands go on without it
     with it:
         for child in it:
             if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):

@@ -584,3 +584,40 @@ def test_a_symlinked_trash_is_never_followed(
     purged = run_ocrd("--config", policy, "trash", "purge", "--all")
     assert purged.code == 1 and "never followed" in purged.err, purged
     untouched()
+
+
+@pytest.mark.parametrize("which", ["record", "hash-cache", "status"])
+def test_a_fifo_in_place_of_an_own_state_file_never_blocks(
+    run_ocrd: Callable[..., Result],
+    models: Path,
+    policy: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    which: str,
+) -> None:
+    """A FIFO nobody writes to as a quarantine record, as the hash cache, or as the status
+    file: the commands that read them finish (the FIFO is no such file), nothing blocks."""
+    state = tmp_path / "state"
+    state.mkdir()
+    write_policy(
+        policy,
+        policy_data(models, state_dir=str(state), required=[{"name": "p.bin", "sha256": "0" * 64}]),
+    )
+    make_model(models, "p.bin")
+    if which == "record":
+        (models / ".ocrd-trash" / "b1").mkdir(parents=True)
+        (models / ".ocrd-trash" / "b1" / "model.bin").write_bytes(b"m")
+        os.mkfifo(models / ".ocrd-trash" / "b1" / ".ocrd-record.json")
+        commands = [["trash", "list"], ["plan"], ["apply"]]
+    elif which == "hash-cache":
+        os.mkfifo(state / "hashes.json")
+        commands = [["plan"], ["list"]]
+    else:
+        os.mkfifo(state / "status.json")
+        commands = [["status"]]
+    for command in commands:
+        done = run_ocrd("--config", policy, *command, timeout=20)
+        assert "internal error" not in done.err, (command, done)
+        assert done.code in (0, 1, 3), (command, done)
+    if which == "record":  # an unreadable record keeps its batch for an operator
+        assert (models / ".ocrd-trash" / "b1" / "model.bin").exists()
