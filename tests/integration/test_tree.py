@@ -12,6 +12,7 @@ import pytest
 
 from ocrd.act.tree import remove_at
 from ocrd.openfile import mount_id
+from tests.support.files import make_deep
 
 ROOT = os.geteuid() == 0
 MOUNT, UMOUNT, CHATTR = (shutil.which(n) or n for n in ("mount", "umount", "chattr"))
@@ -37,24 +38,9 @@ def remove(root: Path, name: str) -> list[tuple[str, str]]:
         os.close(fd)
 
 
-def make_deep(top: Path, depth: int) -> None:
-    """A chain of *depth* directories below *top*, each holding a file (built by descriptor,
-    since the whole path is far longer than PATH_MAX)."""
-    top.mkdir()
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir("d", dir_fd=fd)
-        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
-        file_fd = os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
-        os.close(file_fd)
-    os.close(fd)
-
-
 def test_a_tree_far_deeper_than_the_recursion_limit_is_removed(base: Path) -> None:
     """5,000 levels (recursion limit 1,000; path far over PATH_MAX): gone, no error."""
-    make_deep(base / "models" / "old_deep", 5000)
+    make_deep(base / "models" / "old_deep", 5000, files=True)
     assert remove(base / "models", "old_deep") == []
     assert os.listdir(base / "models") == []
 

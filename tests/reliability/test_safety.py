@@ -20,7 +20,7 @@ import pytest
 
 from tests.support.cli import Result
 from tests.support.daemon import Daemons
-from tests.support.files import make_model
+from tests.support.files import make_deep, make_model
 from tests.support.policy import policy_data, read_status, save_policy, write_policy
 from tests.support.procs import RENAMES, in_syscall
 
@@ -245,18 +245,6 @@ def test_a_directory_model_holding_a_bind_mount_is_left_whole(
 
 
 # -- a very deep model -------------------------------------------------------------------
-
-
-def make_deep(top: Path, depth: int) -> None:
-    """*depth* nested directories below *top*, built by descriptor (the path outgrows PATH_MAX)."""
-    top.mkdir()
-    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
-    for _ in range(depth):
-        os.mkdir("d", dir_fd=fd)
-        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-        os.close(fd)
-        fd = child
-    os.close(fd)
 
 
 def test_a_1000_deep_directory_model_is_deleted_and_later_cycles_still_prune(

@@ -33,3 +33,18 @@ def leftovers(root: Path) -> list[str]:
 def digest(path: Path) -> str:
     """The hex sha256 of the file at *path*: a policy's digest as ocrd logs it."""
     return sha256(path.read_bytes())
+
+
+def make_deep(top: Path, depth: int, *, files: bool = False) -> None:
+    """A chain of *depth* directories `d` below *top* (each holding a file `f` if *files*),
+    built by descriptor: the whole path outgrows PATH_MAX."""
+    top.mkdir()
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(depth):
+        os.mkdir("d", dir_fd=fd)
+        child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = child
+        if files:
+            os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    os.close(fd)
