@@ -10,7 +10,7 @@ two-phase (DESIGN §4):
    fresh copy was put under the name between the re-check and the rename —
    it goes back without replacing anything, and the target is `model.changed`.
 2. **index**: the caller builds the cycle's one handle index after the last
-   rename, over what moved out (`members()`).
+   rename, over what moved out (each `Moved`'s keys and paths).
 3. **finish**: what nobody holds is removed; a held one goes back under its
    name (never over an entry that appeared there meanwhile) and is reported
    busy. One that cannot go back (a newer entry took its name) is kept in the
@@ -62,8 +62,8 @@ class Settled:
     """How phase 3 ended for one target."""
 
     moved: Moved
-    holders: list[Holder]  # not empty: it was held, and went back (or stays hidden)
-    kept: str | None = None  # held and could not go back: the hidden name it stays under
+    holders: list[Holder]  # not empty: it was held, and went back (or was kept)
+    kept: str | None = None  # held and could not go back: where it was kept instead
     error: str | None = None  # nobody held it, but it could not be removed (whole)
 
     @property
@@ -125,19 +125,18 @@ class TwoPhase:
                 + ("put back, nothing deleted" if where is None else f"kept as {where}")
             )
         if moved.is_dir:
-            keys, paths = tree_members(os.path.join(self.root, hidden))
+            try:
+                keys, paths = tree_members(os.path.join(self.root, hidden))
+            except OSError as exc:  # what cannot be looked into is not deleted
+                where = self.put_back(moved)
+                back = "put back" if where is None else f"kept as {where}"
+                raise OSError(exc.errno, f"cannot look into it ({exc.strerror}); {back}") from None
             moved.keys, moved.paths = frozenset(keys), frozenset(paths)
         else:
             moved.keys = frozenset({(st.st_dev, st.st_ino)})
             moved.paths = frozenset({os.path.join(self.root, hidden)})
         self.moved.append(moved)
         return moved
-
-    def members(self) -> tuple[set[int], set[str]]:
-        """The devices and paths the handle index must cover (phase 2)."""
-        devices = {dev for m in self.moved for dev, _ in m.keys}
-        paths = {p for m in self.moved for p in m.paths}
-        return devices, paths
 
     def put_back(self, moved: Moved) -> str | None:
         """Back under its name, never over a new entry; returns None when it went back,
