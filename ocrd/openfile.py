@@ -35,7 +35,7 @@ class NotRegularError(OcrdError):
         super().__init__(f"{path} is {kind}, not a regular file")
 
 
-def kind_of(mode: int) -> str:
+def describe_mode(mode: int) -> str:
     """What a st_mode is, in words: "a FIFO (named pipe)", "a directory", "a regular file"…"""
     for test, kind in KINDS:
         if test(mode):
@@ -71,7 +71,7 @@ def open_regular(
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise NotRegularError(shown, kind_of(mode))
+            raise NotRegularError(shown, describe_mode(mode))
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)

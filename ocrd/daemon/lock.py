@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ocrd.core.errors import LockedError
 from ocrd.core.names import LOCK
-from ocrd.openfile import give_to_owner_of, kind_of, mount_id, owner_name
+from ocrd.openfile import describe_mode, give_to_owner_of, mount_id, owner_name
 
 FLAGS = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
 
@@ -82,7 +82,8 @@ class DirLock:
             st = os.fstat(fd)
             directory = os.stat(self.path.parent)
             if not stat.S_ISREG(st.st_mode):
-                raise self._refuse(f"is {kind_of(st.st_mode)}, not ocrd's lock file", "remove it")
+                what = describe_mode(st.st_mode)
+                raise self._refuse(f"is {what}, not ocrd's lock file", "remove it")
             # A file mounted over the name (bind mount) is another mount than the dir's.
             # (Not st_dev: on overlayfs a file and its directory report different ones.)
             dir_mount = _dir_mount(self.path.parent)

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 from ocrd.core.model import TrashItem
 from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
-from ocrd.openfile import NotRegularError, kind_of, open_regular
+from ocrd.openfile import NotRegularError, describe_mode, open_regular
 
 _by_time_id = operator.attrgetter("trashed_at", "id")
 
@@ -117,7 +117,7 @@ def trash_problem(root: str) -> str | None:
         return f"{TRASH} cannot be inspected ({exc.strerror})"
     if stat.S_ISDIR(st.st_mode):
         return None
-    return f"{TRASH} is {kind_of(st.st_mode)}, not ocrd's quarantine; it is never followed"
+    return f"{TRASH} is {describe_mode(st.st_mode)}, not ocrd's quarantine; it is never followed"
 
 
 def read_trash(root: str) -> tuple[TrashItem, ...]:
