@@ -3,6 +3,7 @@ runs it once; the daemon runs it on every trigger."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -12,11 +13,12 @@ from ocrd.act.fs import Log
 from ocrd.act.recovery import recover
 from ocrd.core.model import ActionKind, Outcome, Plan, ReportKind, Snapshot
 from ocrd.core.names import OWN_PREFIX
+from ocrd.core.own import own_problems, own_reason
 from ocrd.core.plan import reconcile
 from ocrd.core.policy import Policy
 from ocrd.engine.base import Engine
 from ocrd.observe.hashing import Progress
-from ocrd.observe.scan import no_gc_pauses, observe
+from ocrd.observe.scan import no_gc_pauses, observe, open_model_dir
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,53 +81,105 @@ def run_cycle(
     with no_gc_pauses():
         started = time.monotonic()
         root = str(policy.model_dir)
-        snapshot = observe(policy, log=log, progress=progress)
-        held_back = gate(snapshot) if gate is not None else None
-        dry_run = dry_run or held_back is not None
-        recovered = (
-            () if dry_run else tuple(recover(root, log, names=snapshot.names_starting(OWN_PREFIX)))
-        )
-        plan = reconcile(policy, snapshot, now=clock(), hold=hold)
-        for error in plan.errors:
-            log.error("plan.refused", error=error)
-        for report in plan.reports:
-            if report.kind is ReportKind.MISSING:
-                log.warning("model.missing", model=report.name, reason=report.reason)
-            elif report.kind is ReportKind.CORRUPT:
-                log.warning("model.corrupt", model=report.name, reason=report.reason)
-            elif report.kind is ReportKind.SUSPENDED:
-                log.info("action.planned", model=report.name, reason=report.reason, suspended=True)
-        if dry_run:
-            for action in plan.actions:
-                log.info(
-                    "action.planned",
-                    action=action.kind.value,
-                    model=action.name,
-                    reason=action.reason,
-                    bytes=action.bytes,
-                    dry_run=True,
-                )
-            outcome = Outcome()
-        else:
-            outcome = apply(plan, root=root, engine=engine, log=log, clock=clock, stop=stop)
-        result = CycleResult(
-            snapshot,
+        # One descriptor of the model dir for the whole cycle: the scan, recovery and
+        # every action are relative to it, so a dir swapped meanwhile is never acted in.
+        fd = open_model_dir(root)
+        try:
+            return _cycle(
+                policy, fd, started, engine, log, dry_run, progress, clock, hold, gate, stop
+            )
+        finally:
+            os.close(fd)
+
+
+def _cycle(
+    policy: Policy,
+    fd: int,
+    started: float,
+    engine: Engine,
+    log: Log,
+    dry_run: bool,
+    progress: Progress | None,
+    clock: Callable[[], float],
+    hold: Mapping[str, str] | None,
+    gate: Callable[[Snapshot], str | None] | None,
+    stop: Callable[[], bool] | None,
+) -> CycleResult:
+    root = str(policy.model_dir)
+    snapshot = observe(policy, log=log, dir_fd=fd, progress=progress)
+    held_back = gate(snapshot) if gate is not None else _own_gate(snapshot, log)
+    dry_run = dry_run or held_back is not None
+    recovered = (
+        ()
+        if dry_run
+        else tuple(recover(root, log, names=snapshot.names_starting(OWN_PREFIX), dir_fd=fd))
+    )
+    plan = reconcile(policy, snapshot, now=clock(), hold=hold)
+    for error in plan.errors:
+        log.error("plan.refused", error=error)
+    for report in plan.reports:
+        if report.kind is ReportKind.MISSING:
+            log.warning("model.missing", model=report.name, reason=report.reason)
+        elif report.kind is ReportKind.CORRUPT:
+            log.warning("model.corrupt", model=report.name, reason=report.reason)
+        elif report.kind is ReportKind.SUSPENDED:
+            log.info("action.planned", model=report.name, reason=report.reason, suspended=True)
+    if dry_run:
+        for action in plan.actions:
+            log.info(
+                "action.planned",
+                action=action.kind.value,
+                model=action.name,
+                reason=action.reason,
+                bytes=action.bytes,
+                dry_run=True,
+            )
+        outcome = Outcome()
+    else:
+        outcome = apply(
             plan,
-            outcome,
-            recovered,
-            round((time.monotonic() - started) * 1000, 1),
-            held_back,
+            root=root,
+            engine=engine,
+            log=log,
+            clock=clock,
+            stop=stop,
+            dir_fd=fd,
+            progress=progress,
         )
-        log.info(
-            "cycle.finished",
-            models=plan.models,
-            planned=len(plan.actions),
-            done=len(outcome.done),
-            failed=len(outcome.failed),
-            skipped=len(outcome.skipped),
-            bytes_freed=outcome.bytes_freed,
-            suspended=plan.suspended,
-            dry_run=dry_run,
-            duration_ms=result.duration_ms,
-        )
-        return result
+    result = CycleResult(
+        snapshot,
+        plan,
+        outcome,
+        recovered,
+        round((time.monotonic() - started) * 1000, 1),
+        held_back,
+    )
+    log.info(
+        "cycle.finished",
+        models=plan.models,
+        planned=len(plan.actions),
+        done=len(outcome.done),
+        failed=len(outcome.failed),
+        skipped=len(outcome.skipped),
+        bytes_freed=outcome.bytes_freed,
+        suspended=plan.suspended,
+        dry_run=dry_run,
+        duration_ms=result.duration_ms,
+    )
+    return result
+
+
+def _own_gate(snapshot: Snapshot, log: Log) -> str | None:
+    """Without the daemon's view guard (a one-shot command): hold back a cycle whose
+    view has one of ocrd's own names in a shape ocrd never made (ocrd.core.own)."""
+    problems = own_problems(snapshot)
+    if not problems:
+        return None
+    reason = own_reason(problems)
+    log.error(
+        "model_dir.suspicious",
+        model_dir=snapshot.root,
+        reason=reason,
+        hint="nothing is pruned or restored until it is moved away",
+    )
+    return reason

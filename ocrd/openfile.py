@@ -17,6 +17,9 @@ import stat
 
 from ocrd.core.errors import OcrdError
 
+# A directory of ocrd's, opened for the *at() calls below it: never through a link.
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
 KINDS = (
     (stat.S_ISDIR, "a directory"),
     (stat.S_ISFIFO, "a FIFO (named pipe)"),

@@ -39,6 +39,8 @@ from ocrd.core.model import (
 from ocrd.core.names import TRASH
 from ocrd.engine.base import Engine
 from ocrd.observe.handles import HandleIndex, Holder
+from ocrd.observe.hashing import Progress
+from ocrd.openfile import DIR_FLAGS
 
 
 @dataclass(slots=True)
@@ -62,9 +64,18 @@ class _Result:
 class _Acting:
     """The state of one apply's actions: the open model dir, the two phases, the batch."""
 
-    def __init__(self, root: str, *, log: Log, now: float) -> None:
-        self.root, self.log, self.now = root, log, now
-        self.fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def __init__(
+        self,
+        root: str,
+        *,
+        log: Log,
+        now: float,
+        dir_fd: int | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        self.root, self.log, self.now, self.progress = root, log, now, progress
+        # The cycle's own descriptor of the model dir (the one it scanned), else one now.
+        self.fd = os.dup(dir_fd) if dir_fd is not None else os.open(root, DIR_FLAGS)
         self.sync = Sync(batch=True)
         self.sync.dir(root)  # whatever the actions do there is flushed once, at the end
         self.two = TwoPhase(root, self.fd, keep=self._keep)
@@ -85,6 +96,7 @@ class _Acting:
             size=size,
             sha256=None,
             now=self.now,
+            dir_fd=self.fd,
         )
         return f"{TRASH}/{item_id}"
 
@@ -129,7 +141,7 @@ class _Acting:
                 if a.entry is not None
             ]
             try:
-                self.batch = QuarantineBatch(self.root, listed, now=self.now)
+                self.batch = QuarantineBatch(self.root, self.fd, listed, now=self.now)
             except (OSError, ActionError) as exc:
                 # Nothing moved; the rest of the cycle's quarantines fail fast, alike.
                 self.batch_error = f"cannot set up the quarantine dir: {exc}"
@@ -145,7 +157,9 @@ class _Acting:
         )
 
     def restore(self, action: Action, now: float) -> None:
-        total, sha, old_id = restore(self.root, action, now=now)
+        total, sha, old_id = restore(
+            self.root, action, now=now, dir_fd=self.fd, progress=self.progress
+        )
         self.log.info(
             "model.restored",
             model=action.name,
@@ -161,7 +175,7 @@ class _Acting:
         """Flush what moved; drop batches left empty. Errors are logged, not raised."""
         try:
             if self.batch is not None:
-                self.batch.close(self.root, self.sync)
+                self.batch.close(self.sync)
             self.two.close()
             self.purger.close()
             self.sync.flush()
@@ -237,7 +251,7 @@ def _run_actions(
         if not _stopping(log, result, action, stop):
             _attempt(log, result, action, functools.partial(acting.move_out, i, action))
     held, handle_index = find_holders(
-        acting.root, actions, index, moved=acting.two.moved, skip=set(deletes)
+        acting.root, actions, index, dir_fd=acting.fd, moved=acting.two.moved, skip=set(deletes)
     )
     acting.quarantined = [
         a
@@ -280,10 +294,12 @@ def _act(
     clock: Callable[[], float],
     index: IndexFn | None,
     stop: Callable[[], bool] | None,
+    dir_fd: int | None = None,
+    progress: Progress | None = None,
 ) -> tuple[_Result, HandleIndex]:
     result = _Result()
     try:
-        acting = _Acting(root, log=log, now=clock())
+        acting = _Acting(root, log=log, now=clock(), dir_fd=dir_fd, progress=progress)
     except OSError as exc:
         log.error("action.failed", model=root, action="open model dir", error=str(exc))
         result.failed.extend((a, str(exc)) for a in actions)
@@ -327,8 +343,15 @@ def apply(
     clock: Callable[[], float] = time.time,
     index: IndexFn | None = None,
     stop: Callable[[], bool] | None = None,
+    dir_fd: int | None = None,
+    progress: Progress | None = None,
 ) -> Outcome:
-    """Run the engine cycle around *plan*'s actions; see the module docstring."""
+    """Run the engine cycle around *plan*'s actions; see the module docstring.
+
+    *dir_fd*: the model dir as the cycle opened (and scanned) it; every action
+    is relative to it. *progress* is called while a restore copies (it may
+    raise to stop, and keeps the watchdog fed).
+    """
     root = str(root)
     actions = plan.actions
     if not actions:
@@ -344,7 +367,16 @@ def apply(
         return skipped.outcome(engine_error=f"release failed: {exc}")
     released_ms = round((time.monotonic() - started) * 1000, 1)
 
-    result, handle_index = _act(actions, root=root, log=log, clock=clock, index=index, stop=stop)
+    result, handle_index = _act(
+        actions,
+        root=root,
+        log=log,
+        clock=clock,
+        index=index,
+        stop=stop,
+        dir_fd=dir_fd,
+        progress=progress,
+    )
 
     engine_error = None
     try:

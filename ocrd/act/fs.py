@@ -14,10 +14,10 @@ import secrets
 import stat
 from typing import Any
 
-from ocrd.act.tree import remove_path
 from ocrd.core.model import Entry, Kind
 from ocrd.observe.scan import kind_of, tree_stats
-from ocrd.openfile import give_to_owner_of
+from ocrd.observe.walk import Incomplete
+from ocrd.openfile import DIR_FLAGS, give_to_owner_of
 
 Log = Any  # a structlog bound logger
 
@@ -90,31 +90,37 @@ def hidden_name(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(8)}"
 
 
-def remove_tree(root: str, name: str) -> None:
-    """Remove root/name, a file, link or directory (see ocrd.act.tree: no link
-    followed, no mount crossed, no depth limit); raises Leftover for what stays."""
-    remove_path(root, name)
-
-
-def write_durably(path: str, data: dict[str, Any]) -> None:
-    """Write *path* durably: a flushed temp file renamed over it."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def write_durably(name: str, data: dict[str, Any], *, dir_fd: int) -> None:
+    """Write *name* in the open directory *dir_fd* durably: a flushed temp file renamed
+    over it (neither opened through a link)."""
+    tmp = name + ".tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        give_to_owner_of(fd, os.stat(os.path.dirname(path)))
+        give_to_owner_of(fd, os.fstat(dir_fd))
         fh.write(json.dumps(data))  # dumps: CPython's C encoder; dump() streams in Python
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
 def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> None:
     """Raise Changed unless the entry still looks as it did in the snapshot.
 
-    With *dir_fd* (the model dir, open) the entry is looked up relative to it.
+    With *dir_fd* (the model dir, open) the entry is looked up relative to it;
+    a directory is walked through descriptors (ocrd.observe.walk).
     """
+    fd = os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
     try:
-        st = os.lstat(entry.name if dir_fd is not None else f"{root}/{entry.name}", dir_fd=dir_fd)
+        _check_unchanged(fd, entry)
+    finally:
+        if dir_fd is None:
+            os.close(fd)
+
+
+def _check_unchanged(dir_fd: int, entry: Entry) -> None:
+    try:
+        st = os.stat(entry.name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         raise Changed("vanished since the scan") from None
     if (
@@ -125,7 +131,6 @@ def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> No
         and stat.S_ISREG(st.st_mode)
     ):
         return  # the common case, a plain file as scanned: one test, no name lookups
-    path = f"{root}/{entry.name}"  # names never hold "/"
     if kind_of(st.st_mode) is not entry.kind or st.st_ino != entry.inode:
         raise Changed("replaced since the scan")
     if st.st_mtime_ns != entry.mtime_ns:
@@ -133,6 +138,9 @@ def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> No
     if entry.kind is Kind.FILE and st.st_size != entry.size:
         raise Changed("size changed since the scan")
     if entry.kind is Kind.DIR:
-        size, newest = tree_stats(path)
+        try:
+            size, newest = tree_stats(dir_fd, entry.name)
+        except Incomplete as exc:
+            raise Changed(f"cannot be looked into whole ({exc.strerror})") from None
         if size != entry.size or newest != entry.mtime:
             raise Changed("modified since the scan")

@@ -6,20 +6,10 @@ from collections.abc import Callable, Collection, Iterable
 
 from ocrd.act.twophase import Moved
 from ocrd.core.model import Action, ActionKind, Kind
-from ocrd.core.names import TRASH
 from ocrd.observe.handles import HandleIndex, Holder, build_index
 from ocrd.observe.scan import tree_members
 
 IndexFn = Callable[[set[int]], HandleIndex]
-
-
-def _target_path(root: str, action: Action) -> str | None:
-    if action.kind is ActionKind.PURGE:
-        assert action.trash_id is not None
-        return f"{root}/{TRASH}/{action.trash_id}"
-    if action.entry is not None:
-        return f"{root}/{action.name}"
-    return None
 
 
 def holders_text(holders: Iterable[Holder]) -> str:
@@ -31,6 +21,7 @@ def find_holders(
     actions: tuple[Action, ...],
     index: IndexFn | None,
     *,
+    dir_fd: int,
     moved: Iterable[Moved] = (),
     skip: Collection[int] = (),
 ) -> tuple[dict[int, list[Holder]], HandleIndex]:
@@ -51,12 +42,14 @@ def find_holders(
             # the re-check skips it.
             groups[i] = ({(entry.device, entry.inode)}, {f"{root}/{entry.name}"})
             continue
-        path = _target_path(root, action)
-        if path is None:
-            continue
+        if entry is None or action.kind is ActionKind.PURGE:
+            continue  # a purge is always moved out first (or skipped)
         try:
-            groups[i] = tree_members(path)
+            groups[i] = tree_members(dir_fd, action.name, root)
         except FileNotFoundError:
+            continue
+        except OSError:
+            # Cannot be looked into whole: not quarantined blind (its re-check fails too).
             continue
     devices = {dev for keys, _ in groups.values() for dev, _ in keys}
     if not devices:

@@ -5,28 +5,47 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from ocrd.act.fs import Log, remove_tree
+from ocrd.act.fs import Log
 from ocrd.act.holders import holders_text
 from ocrd.act.trash import drop_if_empty
+from ocrd.act.tree import remove_whole
 from ocrd.core.names import DELETING_PREFIX, TMP_PREFIX, TRASH
+from ocrd.core.own import own_leftover_problem
 from ocrd.log import LISTED
 from ocrd.observe.handles import build_index
-from ocrd.observe.scan import tree_members
+from ocrd.observe.scan import kind_of, tree_members
 from ocrd.observe.trash import read_batch, trash_problem
+from ocrd.openfile import DIR_FLAGS
 
 
-def _held(root: str, names: list[str]) -> dict[str, str]:
-    """Why a leftover must stay for now: a process holds it, or it cannot be looked into.
+def _held(root: str, dir_fd: int, names: list[str]) -> dict[str, str]:
+    """Why a leftover must stay for now: a process holds it, it cannot be looked into,
+    or it is not what ocrd leaves behind.
 
     A crash between a delete's phases leaves its target under a hidden name;
     it is not removed under a holder either (fail closed: what cannot be
-    inspected is not removed).
+    inspected is not removed). A `.ocrd-tmp-*` is a restore's copy, a file;
+    a `.ocrd-deleting-*` is a model on its way out (a file, a directory or a
+    link, never followed); anything else under those names, or on another
+    mount, is not ocrd's and is left alone.
     """
     members: dict[str, tuple[set[tuple[int, int]], set[str]]] = {}
     why: dict[str, str] = {}
+    device = os.fstat(dir_fd).st_dev
     for name in names:
         try:
-            members[name] = tree_members(os.path.join(root, name))
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            why[name] = f"cannot be inspected ({exc.strerror or exc}); left as it is"
+            continue
+        problem = own_leftover_problem(name, kind_of(st.st_mode), st.st_dev, device)
+        if problem is not None:
+            why[name] = f"{problem}; left as it is"
+            continue
+        try:
+            members[name] = tree_members(dir_fd, name, root)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -40,25 +59,37 @@ def _held(root: str, names: list[str]) -> dict[str, str]:
     return why
 
 
-def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[str]:
+def recover(
+    root: str, log: Log, *, names: Iterable[str] | None = None, dir_fd: int | None = None
+) -> list[str]:
     """Finish or roll back what a crash left behind; returns what was cleaned.
 
     *names*: the model dir's entries if the caller has just listed them (those
-    starting with `.ocrd-` are enough).
+    starting with `.ocrd-` are enough). *dir_fd*: the model dir as the cycle
+    opened it; everything is done relative to it.
     """
+    fd = os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
+    try:
+        return _recover(root, fd, log, names)
+    finally:
+        if dir_fd is None:
+            os.close(fd)
+
+
+def _recover(root: str, fd: int, log: Log, names: Iterable[str] | None) -> list[str]:
     cleaned = []
     if names is None:
-        with os.scandir(root) as it:
+        with os.scandir(fd) as it:
             names = [c.name for c in it]
     prefixes = (TMP_PREFIX, DELETING_PREFIX)
     leftovers = sorted(n for n in names if n.startswith(prefixes))
-    held = _held(root, leftovers) if leftovers else {}
+    held = _held(root, fd, leftovers) if leftovers else {}
     for name in leftovers:
         if name in held:
             log.warning("recovery.kept", path=name, reason=held[name])
             continue
         try:
-            remove_tree(root, name)
+            remove_whole(fd, name)
         except FileNotFoundError:
             continue
         except OSError as exc:
@@ -67,44 +98,47 @@ def recover(root: str, log: Log, *, names: Iterable[str] | None = None) -> list[
         what = "rolled back" if name.startswith(TMP_PREFIX) else "finished deleting"
         log.info("recovery.removed", path=name, what=what)
         cleaned.append(name)
-    trash = os.path.join(root, TRASH)
-    problem = trash_problem(root)
+    problem = trash_problem(root, dir_fd=fd)
     if problem is not None:
         log.warning("recovery.kept", path=TRASH, reason=problem)
         return cleaned
     try:
+        trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        return cleaned
+    try:
         batches = sorted(os.scandir(trash), key=lambda c: c.name)
-    except (FileNotFoundError, NotADirectoryError):
-        batches = []
-    for child in batches:
-        if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-            continue
-        where = f"{TRASH}/{child.name}"
-        try:
-            batch = read_batch(child.path)
-        except OSError as exc:
-            log.error("recovery.failed", path=where, error=str(exc))
-            continue
-        unlisted = batch.payloads - set(batch.items or ())
-        if unlisted:
-            log.warning(
-                "recovery.kept",
+        for child in batches:
+            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+                continue
+            where = f"{TRASH}/{child.name}"
+            try:
+                batch = read_batch(os.path.join(root, where), parent_fd=trash)
+            except OSError as exc:
+                log.error("recovery.failed", path=where, error=str(exc))
+                continue
+            unlisted = batch.payloads - set(batch.items or ())
+            if unlisted:
+                log.warning(
+                    "recovery.kept",
+                    path=where,
+                    unlisted=sorted(unlisted)[:LISTED],
+                    reason="quarantined entries without a readable record; left for an operator",
+                )
+                continue
+            if batch.payloads:
+                continue  # complete: every model in it is in its record
+            try:
+                drop_if_empty(root, child.name, dir_fd=fd)
+            except OSError as exc:
+                log.error("recovery.failed", path=where, error=str(exc))
+                continue
+            log.info(
+                "recovery.removed",
                 path=where,
-                unlisted=sorted(unlisted)[:LISTED],
-                reason="quarantined entries without a readable record; left for an operator",
+                what="quarantine batch without models (none moved, or all restored or purged)",
             )
-            continue
-        if batch.payloads:
-            continue  # complete: every model in it is in its record
-        try:
-            drop_if_empty(root, child.name)
-        except OSError as exc:
-            log.error("recovery.failed", path=where, error=str(exc))
-            continue
-        log.info(
-            "recovery.removed",
-            path=where,
-            what="quarantine batch without models (none moved, or all restored or purged)",
-        )
-        cleaned.append(where)
+            cleaned.append(where)
+    finally:
+        os.close(trash)
     return cleaned

@@ -7,22 +7,25 @@ new file appears with link(2), which never replaces what appeared meanwhile.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
 import stat
 
-from ocrd.act.fs import ActionError, Changed, check_unchanged, fsync_dir, hidden_name
+from ocrd.act.fs import ActionError, Changed, check_unchanged, hidden_name, rename_noreplace
 from ocrd.act.trash import quarantine
 from ocrd.core.model import Action
 from ocrd.core.names import TMP_PREFIX
-from ocrd.observe.hashing import BLOCK
+from ocrd.observe.hashing import BLOCK, Progress
 from ocrd.openfile import NotRegularError, give_to_owner_of, open_regular
 
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 
 
-def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, str]:
+def _copy_verified(
+    source: str, dir_fd: int, tmp: str, expected: str | None, progress: Progress | None
+) -> tuple[int, str]:
     digest = hashlib.sha256()
     try:
         # Non-blocking open, then fstat: a FIFO or a device as the source is refused,
@@ -32,9 +35,8 @@ def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, st
         raise ActionError(f"source {exc}; point `source` at the model file itself") from None
     try:
         st = os.fstat(src_fd)
-        dst_fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        dst_fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
         try:
             total = 0
             while True:
@@ -47,8 +49,10 @@ def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, st
                     written = os.write(dst_fd, view)
                     view = view[written:]
                 total += len(chunk)
+                if progress is not None:
+                    progress(tmp, total, st.st_size)  # may raise: the daemon is stopping
             os.fchmod(dst_fd, stat.S_IMODE(st.st_mode) & 0o755 | 0o400)
-            give_to_owner_of(dst_fd, os.stat(os.path.dirname(tmp)))
+            give_to_owner_of(dst_fd, os.fstat(dir_fd))
             os.fsync(dst_fd)
         finally:
             os.close(dst_fd)
@@ -63,25 +67,36 @@ def _copy_verified(source: str, tmp: str, expected: str | None) -> tuple[int, st
     return total, sha
 
 
-def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | None]:
-    """Fetch, verify, then put a required model in place: (bytes, sha256, trash id of old)."""
+def restore(
+    root: str,
+    action: Action,
+    *,
+    now: float,
+    dir_fd: int,
+    progress: Progress | None = None,
+) -> tuple[int, str, str | None]:
+    """Fetch, verify, then put a required model in place: (bytes, sha256, trash id of old).
+
+    Everything in the model dir is relative to *dir_fd*; the copy goes to a
+    hidden `.ocrd-tmp-*` name that recovery removes after a crash.
+    """
     assert action.source is not None
     size = os.stat(action.source).st_size
-    vfs = os.statvfs(root)
+    vfs = os.fstatvfs(dir_fd)
     free = vfs.f_bavail * vfs.f_frsize
     if free < size + RESTORE_MARGIN:
         raise ActionError(
             f"not enough free space in the model dir: {free} bytes free, "
             f"{size} + {RESTORE_MARGIN} needed"
         )
-    tmp = os.path.join(root, hidden_name(TMP_PREFIX))
-    target = os.path.join(root, action.name)
+    tmp = hidden_name(TMP_PREFIX)
+    target = action.name
     old_id = None
     try:
-        total, sha = _copy_verified(action.source, tmp, action.sha256)
-        fsync_dir(root)
+        total, sha = _copy_verified(action.source, dir_fd, tmp, action.sha256, progress)
+        os.fsync(dir_fd)
         if action.entry is not None:
-            check_unchanged(root, action.entry)
+            check_unchanged(root, action.entry, dir_fd=dir_fd)
             old_id = quarantine(
                 root,
                 action.name,
@@ -89,19 +104,22 @@ def restore(root: str, action: Action, *, now: float) -> tuple[int, str, str | N
                 size=action.entry.size,
                 sha256=action.entry.sha256,
                 now=now,
+                dir_fd=dir_fd,
             )
         try:
-            os.link(tmp, target)  # atomic and never replaces what appeared meanwhile
+            # Atomic, and never replaces what appeared meanwhile.
+            os.link(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         except FileExistsError:
             raise Changed("an entry appeared under this name meanwhile") from None
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
-            if os.path.lexists(target):
+            try:
+                rename_noreplace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            except FileExistsError:
                 raise Changed("an entry appeared under this name meanwhile") from None
-            os.rename(tmp, target)
-        fsync_dir(root)
+        os.fsync(dir_fd)
     finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
     return total, sha, old_id

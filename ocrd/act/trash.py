@@ -9,37 +9,61 @@ model is dropped. ocrd.observe.trash reads what this writes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
-import stat
 import time
 from typing import Any
 
-from ocrd.act.fs import NOW_SYNC, ActionError, Log, Sync, fsync_dir, hidden_name, write_durably
-from ocrd.act.tree import remove_path
+from ocrd.act.fs import (
+    NOW_SYNC,
+    ActionError,
+    Log,
+    Sync,
+    hidden_name,
+    rename_noreplace,
+    write_durably,
+)
+from ocrd.act.tree import remove_whole
 from ocrd.act.twophase import Expect, TwoPhase
 from ocrd.core.model import TrashItem
 from ocrd.core.names import DELETING_PREFIX, RECORD, TRASH
 from ocrd.observe.trash import read_batch
-from ocrd.openfile import give_to_owner_of
+from ocrd.openfile import DIR_FLAGS, give_to_owner_of, mount_id
 
 
-def _trash_dir(root: str) -> str:
-    path = os.path.join(root, TRASH)
+def open_trash(root_fd: int, *, create: bool) -> int:
+    """`.ocrd-trash`, opened relative to the model dir (made first when *create*).
+
+    It must be a real directory on the model dir's mount: a link, a file or a
+    mount point there is never followed nor written into (ActionError).
+    FileNotFoundError when there is none and *create* is false.
+    """
     try:
-        st = os.lstat(path)
+        fd = os.open(TRASH, DIR_FLAGS, dir_fd=root_fd)
     except FileNotFoundError:
-        os.mkdir(path, 0o700)
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            give_to_owner_of(fd, os.stat(root))
-        finally:
-            os.close(fd)
-        fsync_dir(root)
-        return path
-    if not stat.S_ISDIR(st.st_mode):
-        raise ActionError(f"{path} is not a directory; refusing to quarantine into it")
-    return path
+        if not create:
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(TRASH, 0o700, dir_fd=root_fd)
+        fd = open_trash(root_fd, create=False)
+        give_to_owner_of(fd, os.fstat(root_fd))
+        os.fsync(root_fd)
+        return fd
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise ActionError(
+                f"{TRASH} in the model dir is not a directory (a link or a file); ocrd never "
+                "follows or writes into it: move it away"
+            ) from None
+        raise
+    mine, theirs = os.fstat(root_fd), os.fstat(fd)
+    if mine.st_dev != theirs.st_dev or mount_id(fd) not in (None, mount_id(root_fd)):
+        os.close(fd)
+        raise ActionError(
+            f"{TRASH} in the model dir is a mount point; ocrd never writes into it: unmount it"
+        )
+    return fd
 
 
 class QuarantineBatch:
@@ -51,30 +75,33 @@ class QuarantineBatch:
     not there simply never moved (or was restored or purged since).
     """
 
-    def __init__(self, root: str, items: list[dict[str, Any]], *, now: float) -> None:
+    def __init__(self, root: str, root_fd: int, items: list[dict[str, Any]], *, now: float) -> None:
         """*items*: what may move in, each {name, reason, size, sha256} (see record_item)."""
-        trash = _trash_dir(root)
+        self.root, self.root_fd = root, root_fd
         self.id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
-        self.path = os.path.join(trash, self.id)
+        self.path = os.path.join(root, TRASH, self.id)
         self.moved = 0
-        os.mkdir(self.path, 0o700)
+        trash = open_trash(root_fd, create=True)
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            os.mkdir(self.id, 0o700, dir_fd=trash)
             try:
-                give_to_owner_of(fd, os.stat(trash))
-            finally:
-                os.close(fd)
-            write_durably(
-                os.path.join(self.path, RECORD),
-                {"version": 2, "trashed_at": now, "items": items},
-            )
-            fsync_dir(self.path)
-            fsync_dir(trash)
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            with contextlib.suppress(OSError):
-                remove_path(trash, self.id)  # nothing moved in yet
-            raise
+                self._fd = os.open(self.id, DIR_FLAGS, dir_fd=trash)
+                try:
+                    give_to_owner_of(self._fd, os.fstat(trash))
+                    write_durably(
+                        RECORD, {"version": 2, "trashed_at": now, "items": items}, dir_fd=self._fd
+                    )
+                    os.fsync(self._fd)
+                    os.fsync(trash)
+                except BaseException:
+                    os.close(self._fd)
+                    raise
+            except OSError:
+                with contextlib.suppress(OSError):
+                    remove_whole(trash, self.id)  # nothing moved in yet
+                raise
+        finally:
+            os.close(trash)
 
     def move(self, root_fd: int, name: str, *, as_name: str | None = None) -> str:
         """Rename *name* from the model dir into the batch (as *as_name*); its trash id."""
@@ -83,18 +110,22 @@ class QuarantineBatch:
         self.moved += 1
         return f"{self.id}/{as_name}"
 
-    def close(self, root: str, sync: Sync) -> None:
+    def close(self, sync: Sync) -> None:
         """Flush the moves (or, if nothing moved, remove the batch again)."""
         os.close(self._fd)
         if self.moved:
             sync.dir(self.path)
         else:
-            drop_if_empty(root, self.id)
+            drop_if_empty(self.root, self.id, dir_fd=self.root_fd)
 
 
 def record_item(name: str, reason: str, size: int, sha256: str | None) -> dict[str, Any]:
     """One model's line in a quarantine record."""
     return {"name": name, "reason": reason, "size": size, "sha256": sha256}
+
+
+def _model_dir(root: str, dir_fd: int | None) -> int:
+    return os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
 
 
 def quarantine(
@@ -106,34 +137,57 @@ def quarantine(
     sha256: str | None,
     now: float,
     as_name: str | None = None,
+    dir_fd: int | None = None,
 ) -> str:
     """Move root/name into a quarantine batch of its own (recorded as *as_name*, its
     model's name, when it is under a hidden name now); returns its trash id."""
     listed = record_item(as_name or name, reason, size, sha256)
-    batch = QuarantineBatch(root, [listed], now=now)
-    root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _model_dir(root, dir_fd)
     try:
-        item_id = batch.move(root_fd, name, as_name=as_name)
+        batch = QuarantineBatch(root, fd, [listed], now=now)
+        try:
+            item_id = batch.move(fd, name, as_name=as_name)
+        finally:
+            batch.close(NOW_SYNC)
+        os.fsync(fd)
     finally:
-        os.close(root_fd)
-        batch.close(root, NOW_SYNC)
-    fsync_dir(root)
+        if dir_fd is None:
+            os.close(fd)
     return item_id
 
 
-def drop_if_empty(root: str, batch_id: str) -> bool:
-    """Remove a quarantine batch that holds no model any more (only its record)."""
-    path = os.path.join(root, TRASH, batch_id)
+def drop_if_empty(root: str, batch_id: str, *, dir_fd: int | None = None) -> bool:
+    """Remove a quarantine batch that holds no model any more (only its record).
+
+    Two-phase like every removal: the batch leaves `.ocrd-trash` under a hidden
+    name first and is looked at again there; a model that went in meanwhile
+    sends it back instead.
+    """
+    fd = _model_dir(root, dir_fd)
     try:
-        batch = read_batch(path)
-    except FileNotFoundError:
-        return False
-    if batch.payloads:
-        return False
-    hidden = hidden_name(DELETING_PREFIX)
-    os.rename(path, os.path.join(root, hidden))
-    remove_path(root, hidden)
-    return True
+        try:
+            trash = open_trash(fd, create=False)
+        except FileNotFoundError:
+            return False
+        try:
+            try:
+                batch = read_batch(os.path.join(root, TRASH, batch_id), parent_fd=trash)
+            except FileNotFoundError:
+                return False
+            if batch.payloads:
+                return False
+            hidden = hidden_name(DELETING_PREFIX)
+            os.rename(batch_id, hidden, src_dir_fd=trash, dst_dir_fd=fd)
+            if read_batch(os.path.join(root, hidden), parent_fd=fd).payloads:
+                rename_noreplace(hidden, batch_id, src_dir_fd=fd, dst_dir_fd=trash)
+                return False
+        finally:
+            os.close(trash)
+        remove_whole(fd, hidden)
+        return True
+    finally:
+        if dir_fd is None:
+            os.close(fd)
 
 
 class Purger:
@@ -176,21 +230,36 @@ class Purger:
         """Drop the batches left without models; a failure is logged, recovery retries."""
         for batch_id in sorted(self.emptied):
             try:
-                drop_if_empty(self.two.root, batch_id)
+                drop_if_empty(self.two.root, batch_id, dir_fd=self.two.root_fd)
             except OSError as exc:
                 self.log.error("trash.cleanup_failed", error=str(exc))
         self.emptied.clear()
 
 
-def restore_from_trash(root: str, item: TrashItem, *, as_name: str | None = None) -> str:
+def restore_from_trash(
+    root: str, item: TrashItem, *, as_name: str | None = None, dir_fd: int | None = None
+) -> str:
     """Put a quarantined model back under its name (never over an existing entry)."""
     name = as_name or item.name
-    target = os.path.join(root, name)
-    if os.path.lexists(target):
-        raise ActionError(f"{name!r} already exists in the model dir; move it away first")
-    batch_id = item.id.split("/", 1)[0]
-    src = os.path.join(root, TRASH, item.id)
-    os.rename(src, target)
-    fsync_dir(root)
-    drop_if_empty(root, batch_id)
+    batch_id, inside = item.id.split("/", 1)
+    fd = _model_dir(root, dir_fd)
+    try:
+        trash = open_trash(fd, create=False)
+        try:
+            batch = os.open(batch_id, DIR_FLAGS, dir_fd=trash)
+        finally:
+            os.close(trash)
+        try:
+            rename_noreplace(inside, name, src_dir_fd=batch, dst_dir_fd=fd)
+        except FileExistsError:
+            raise ActionError(
+                f"{name!r} already exists in the model dir; move it away first"
+            ) from None
+        finally:
+            os.close(batch)
+        os.fsync(fd)
+        drop_if_empty(root, batch_id, dir_fd=fd)
+    finally:
+        if dir_fd is None:
+            os.close(fd)
     return name

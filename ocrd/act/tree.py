@@ -21,9 +21,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ocrd.openfile import mount_id
-
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+from ocrd.openfile import DIR_FLAGS, mount_id
 
 
 @dataclass(slots=True)

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ocrd.act.fs import Changed, hidden_name, rename_noreplace
-from ocrd.act.tree import DIR_FLAGS, refuse_mounts_at, remove_whole
+from ocrd.act.tree import refuse_mounts_at, remove_whole
 from ocrd.core.names import DELETING_PREFIX, TRASH
 from ocrd.observe.handles import Holder
 from ocrd.observe.scan import tree_members
+from ocrd.openfile import DIR_FLAGS
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ class TwoPhase:
             )
         if moved.is_dir:
             try:
-                keys, paths = tree_members(os.path.join(self.root, hidden))
+                keys, paths = tree_members(self.root_fd, hidden, self.root)
             except OSError as exc:  # what cannot be looked into is not deleted
                 where = self.put_back(moved)
                 back = "put back" if where is None else f"kept as {where}"

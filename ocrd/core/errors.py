@@ -53,3 +53,7 @@ class LockedError(OcrdError):
 
 class ModelDirError(OcrdError):
     """The model dir cannot be read as a trustworthy view of the models."""
+
+
+class Interrupted(Exception):
+    """A long step (a hash, a copy) was stopped because the daemon is shutting down."""

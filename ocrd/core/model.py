@@ -75,19 +75,24 @@ class Snapshot:
     device: int
     entries: tuple[Entry | ListedEntry, ...] = ()
     trash: tuple[TrashItem, ...] = ()
+    inode: int = 0  # with device: which directory this is (0: not known)
 
     def by_name(self) -> dict[str, Entry | ListedEntry]:
         return {e.name: e for e in self.entries}
 
-    def names_starting(self, prefix: str) -> list[str]:
-        """Entry names starting with *prefix*, found by bisection (entries sorted by name)."""
+    def starting(self, prefix: str) -> list[Entry | ListedEntry]:
+        """Entries whose name starts with *prefix*, found by bisection (sorted by name)."""
         start = bisect.bisect_left(self.entries, prefix, key=_entry_name)
         out = []
         for entry in self.entries[start:]:
             if not entry.name.startswith(prefix):
                 break
-            out.append(entry.name)
+            out.append(entry)
         return out
+
+    def names_starting(self, prefix: str) -> list[str]:
+        """Entry names starting with *prefix* (see starting)."""
+        return [entry.name for entry in self.starting(prefix)]
 
 
 class Class(str, Enum):

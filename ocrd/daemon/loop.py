@@ -18,8 +18,9 @@ from types import FrameType
 
 from ocrd import log as logconf
 from ocrd.config import LoadedPolicy, load_policy
-from ocrd.core.errors import LockedError, ModelDirError, PolicyError
+from ocrd.core.errors import Interrupted, LockedError, ModelDirError, PolicyError
 from ocrd.core.model import ActionKind, Snapshot
+from ocrd.core.own import own_problems
 from ocrd.core.plan import count_models, next_due
 from ocrd.cycle import CycleResult, run_cycle
 from ocrd.daemon import reload, status
@@ -346,15 +347,32 @@ class Daemon:
     def _suspect(self, reason: str) -> None:
         self.state.view.suspect(reason, model_dir=str(self.loaded.policy.model_dir))
 
-    def _gate(self, snapshot: Snapshot, identity: tuple[int, int]) -> str | None:
-        """A reason not to act on this view of the model dir, or None (DESIGN §4)."""
+    def _gate(self, snapshot: Snapshot) -> str | None:
+        """A reason not to act on this view of the model dir, or None (DESIGN §4).
+
+        The identity checked is the one of the directory the cycle opened and
+        scanned (its descriptor), not a second look at the path.
+        """
         policy = self.loaded.policy
         return self.state.view.gate(
             snapshot,
             models=count_models(policy, snapshot),
             model_dir=str(policy.model_dir),
-            identity=identity,
+            identity=(snapshot.device, snapshot.inode),
+            own=own_problems(snapshot),
         )
+
+    def _keepalive(self, name: str = "", done: int = 0, total: int = 0) -> None:
+        """Called while a long step makes progress (each block hashed or copied): feeds
+        the watchdog, and stops the step when a SIGTERM came (Interrupted)."""
+        self._ping()
+        if self._stopping:
+            raise Interrupted(f"stopped while {name or 'working'} ({done} of {total} bytes)")
+
+    def _stop_now(self) -> bool:
+        """Asked before each action: feeds the watchdog, says whether to stop."""
+        self._ping()
+        return self._stopping
 
     def _hold(self) -> dict[str, str]:
         """Models left alone this cycle, and why: flapping, or failing with backoff."""
@@ -400,9 +418,13 @@ class Daemon:
                 engine=self.engine.engine,
                 log=self.log,
                 hold=self._hold(),
-                gate=lambda snapshot: self._gate(snapshot, identity),
-                stop=lambda: self._stopping,
+                gate=self._gate,
+                stop=self._stop_now,
+                progress=self._keepalive,
             )
+        except Interrupted as exc:
+            self.log.info("cycle.interrupted", reason=str(exc))
+            return
         except ModelDirError as exc:
             self._dir.failed(str(exc), now=now)
             self._suspect(str(exc))

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ocrd.core.model import Snapshot
+from ocrd.core.own import own_reason
 
 
 @dataclass(slots=True)
@@ -47,13 +48,20 @@ class ViewGuard:
         self._identity = None
 
     def gate(
-        self, snapshot: Snapshot, *, models: int, model_dir: str, identity: tuple[int, int]
+        self,
+        snapshot: Snapshot,
+        *,
+        models: int,
+        model_dir: str,
+        identity: tuple[int, int],
+        own: list[str] | None = None,
     ) -> str | None:
         """A reason not to act on this view of the model dir, or None.
 
         *identity* is the model dir's (device, inode) as the cycle found it; the
         first one seen (after a start, a reload, or its return after it vanished)
-        is taken as confirmed.
+        is taken as confirmed. *own*: ocrd's own names in a shape ocrd never
+        made (ocrd.core.own); suspicious for as long as they are there.
         """
         reason = None
         was = self._identity
@@ -70,6 +78,8 @@ class ViewGuard:
             )
         elif self._view is not None and models == 0 and self._view.models > 0:
             reason = f"model_dir became empty (it held {self._view.models} models)"
+        elif own:
+            reason = own_reason(own)
         if reason is None:
             self._view = _View(snapshot.device, models)
             self._identity = identity

@@ -20,12 +20,22 @@ CACHE_FILE = "hashes.json"
 Progress = Callable[[str, int, int], None]
 
 
-def sha256_file(path: str, *, name: str = "", progress: Progress | None = None) -> str:
-    """Stream *path* through sha256 without following a final symlink."""
+def sha256_file(
+    path: str, *, dir_fd: int | None = None, name: str = "", progress: Progress | None = None
+) -> tuple[str, os.stat_result, os.stat_result]:
+    """Stream *path* (relative to *dir_fd*) through sha256: (hex digest, fstat before, after).
+
+    The file is opened without following a link and without blocking (a FIFO
+    put in its place is NotRegularError); the two fstat results let the caller
+    trust the digest only for the file it meant, unchanged while it was read.
+    *progress* is called after every block; it may raise to stop the hash
+    (the daemon does on SIGTERM), and it keeps the systemd watchdog fed.
+    """
     digest = hashlib.sha256()
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = open_regular(path, dir_fd=dir_fd)
     with os.fdopen(fd, "rb", buffering=0) as fh:
-        total = os.fstat(fd).st_size
+        before = os.fstat(fd)
+        total = before.st_size
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         buf = bytearray(BLOCK)
@@ -39,7 +49,8 @@ def sha256_file(path: str, *, name: str = "", progress: Progress | None = None) 
             done += n
             if progress is not None:
                 progress(name, done, total)
-    return digest.hexdigest()
+        after = os.fstat(fd)
+    return digest.hexdigest(), before, after
 
 
 class HashCache:
@@ -50,6 +61,7 @@ class HashCache:
         self._data: dict[str, str] = {}
         self._seen: set[str] = set()
         self._dirty = False
+        self.error: str | None = None  # the last write's error, if it failed
         if self.path is not None:
             try:
                 fd = open_regular(self.path)  # never block on a FIFO put in its place
@@ -70,10 +82,17 @@ class HashCache:
         return self._data.get(key)
 
     def put(self, st: os.stat_result, sha: str) -> None:
+        """Remember a digest, on disk at once: a hash is costly (a multi-GB model takes
+        seconds), so a daemon stopped or killed later in the same scan (a watchdog, a
+        SIGTERM) never hashes this file again. A write error is kept in `error`."""
         key = self.key(st)
         self._seen.add(key)
         self._data[key] = sha
         self._dirty = True
+        if self.path is not None:
+            self.error = statefile.write_json(
+                self.path, {"version": 1, "hashes": self._data}, mode=0o640
+            )
 
     def save(self) -> str | None:
         """Keep the entries used since loading; returns an error text instead of raising."""

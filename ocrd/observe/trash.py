@@ -7,17 +7,17 @@ record that cannot be read leaves its batch's models unlisted, never lost.
 
 from __future__ import annotations
 
+import errno
 import json
 import operator
 import os
-import stat
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
 from ocrd.core.model import TrashItem
 from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
-from ocrd.openfile import NotRegularError, describe_mode, open_regular
+from ocrd.openfile import DIR_FLAGS, NotRegularError, describe_mode, mount_id, open_regular
 
 _by_time_id = operator.attrgetter("trashed_at", "id")
 
@@ -60,29 +60,37 @@ def _record_items(batch_id: str, rec: Any) -> dict[str, TrashItem]:
     }
 
 
-def read_batch(path: str) -> Batch:
+def read_batch(path: str, *, parent_fd: int | None = None) -> Batch:
     """Look at one quarantine directory (raises OSError if it cannot be listed).
 
+    With *parent_fd* (`.ocrd-trash`, open) the directory is opened relative to
+    it, by its last name only; either way a link is never followed into.
     A `record.json` counts as a (v1) record only if it reads as one: in a v2
     directory that lost its own record it may be a model of that name.
     """
-    contents = set(os.listdir(path))
-    own = {RECORD + ".tmp", LEGACY_RECORD + ".tmp"}
-    items = None
-    for record in (RECORD, LEGACY_RECORD):
-        if record not in contents:
-            continue
-        items = _read_record(os.path.join(path, record), os.path.basename(path))
-        if items is not None or record == RECORD:
-            own.add(record)
-        break
+    where = os.path.basename(path) if parent_fd is not None else path
+    fd = os.open(where, DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        contents = {entry.name for entry in os.scandir(fd)}
+        own = {RECORD + ".tmp", LEGACY_RECORD + ".tmp"}
+        items = None
+        for record in (RECORD, LEGACY_RECORD):
+            if record not in contents:
+                continue
+            items = _read_record(os.path.join(path, record), os.path.basename(path), fd)
+            if items is not None or record == RECORD:
+                own.add(record)
+            break
+    finally:
+        os.close(fd)
     return Batch(items, frozenset(contents - own))
 
 
-def _read_record(path: str, batch_id: str) -> Mapping[str, TrashItem] | None:
+def _read_record(path: str, batch_id: str, batch_fd: int) -> Mapping[str, TrashItem] | None:
     """A record's items by name (None if it cannot be read as one); see _records."""
     try:
-        fd = open_regular(path)  # a FIFO or a link named like a record is no record
+        # A FIFO or a link named like a record is no record.
+        fd = open_regular(os.path.basename(path), dir_fd=batch_fd)
     except (OSError, NotRegularError):
         return None
     with os.fdopen(fd, encoding="utf-8") as fh:
@@ -103,44 +111,83 @@ def _read_record(path: str, batch_id: str) -> Mapping[str, TrashItem] | None:
     return items
 
 
-def trash_problem(root: str) -> str | None:
+def _root_fd(root: str, dir_fd: int | None) -> int:
+    return os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
+
+
+def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
     """Why `root/.ocrd-trash` must not be read or written (None: a real directory, or none).
 
     A symlink (or anything but a directory) there is never followed: reading or
-    purging through it would reach outside the model dir.
+    purging through it would reach outside the model dir; nor is a directory
+    on another mount (a bind mount over it, another filesystem).
     """
+    fd = _root_fd(root, dir_fd)
     try:
-        st = os.lstat(os.path.join(root, TRASH))
-    except FileNotFoundError:
+        try:
+            trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                return f"{TRASH} cannot be inspected ({exc.strerror})"
+            try:
+                st = os.stat(TRASH, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            what = describe_mode(st.st_mode)
+            return f"{TRASH} is {what}, not ocrd's quarantine; it is never followed"
+        try:
+            mine, theirs = os.fstat(fd), os.fstat(trash)
+            if mine.st_dev != theirs.st_dev or mount_id(trash) not in (None, mount_id(fd)):
+                return (
+                    f"{TRASH} is a mount point (another filesystem or a bind mount), "
+                    "not ocrd's quarantine; it is never followed"
+                )
+        finally:
+            os.close(trash)
         return None
-    except OSError as exc:
-        return f"{TRASH} cannot be inspected ({exc.strerror})"
-    if stat.S_ISDIR(st.st_mode):
-        return None
-    return f"{TRASH} is {describe_mode(st.st_mode)}, not ocrd's quarantine; it is never followed"
+    finally:
+        if dir_fd is None:
+            os.close(fd)
 
 
-def read_trash(root: str) -> tuple[TrashItem, ...]:
+def read_trash(root: str, *, dir_fd: int | None = None) -> tuple[TrashItem, ...]:
     """Quarantined models in `root/.ocrd-trash/`: record entries whose payload is there.
 
-    Nothing when `.ocrd-trash` is not a real directory (see trash_problem).
+    Nothing when `.ocrd-trash` is not a real directory on the model dir's mount
+    (see trash_problem); every level is opened without following a link.
     """
-    trash = os.path.join(root, TRASH)
     items: list[TrashItem] = []
-    if trash_problem(root) is not None:
+    try:
+        fd = _root_fd(root, dir_fd)
+    except OSError:
         return ()
     try:
-        it = os.scandir(trash)
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return ()  # PermissionError: another user's trash; read-only commands go on without it
-    with it:
-        for child in it:
-            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-                continue
-            try:
-                batch = read_batch(child.path)
-            except OSError:
-                continue
-            if batch.items is not None:
-                items.extend(t for name, t in batch.items.items() if name in batch.payloads)
+        if trash_problem(root, dir_fd=fd) is not None:
+            return ()
+        try:
+            trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
+        except OSError:
+            return ()  # gone, or another user's trash: read-only commands go on without it
+        try:
+            listing = list(os.scandir(trash))
+        except OSError:
+            listing = []
+        base = os.path.join(root, TRASH)
+        try:
+            for child in listing:
+                if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    batch = read_batch(os.path.join(base, child.name), parent_fd=trash)
+                except OSError:
+                    continue
+                if batch.items is not None:
+                    items.extend(t for name, t in batch.items.items() if name in batch.payloads)
+        finally:
+            os.close(trash)
+    finally:
+        if dir_fd is None:
+            os.close(fd)
     return tuple(sorted(items, key=_by_time_id))

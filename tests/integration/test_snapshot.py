@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 import ocrd.observe.scan as scanning
 import ocrd.observe.trash as trash_reading
@@ -231,7 +232,7 @@ def test_observe_examines_what_the_policy_may_act_on(
     }
     policy = load_policy(write_policy(tmp_path / "policy.yaml", data)).policy
 
-    seen = observe(policy, log=None)
+    seen = observe(policy, log=structlog.get_logger())
     looked_at = {e.name for e in seen.entries if isinstance(e, Entry)}
 
     everything = {"old_a.bin", "old_b.bin", "req.bin", "keep.gguf", "stray.bin", "stray_dir"}
@@ -239,7 +240,7 @@ def test_observe_examines_what_the_policy_may_act_on(
         assert looked_at == everything
     else:
         assert looked_at == {"old_a.bin", "old_b.bin", "req.bin"}
-    full = observe(policy, log=None, full=True)
+    full = observe(policy, log=structlog.get_logger(), full=True)
     assert {e.name for e in full.entries if isinstance(e, Entry)} == everything
     now = time.time()
     lazy_plan, full_plan = reconcile(policy, seen, now=now), reconcile(policy, full, now=now)

@@ -57,23 +57,22 @@ WORKERS = 2  # the machine has two cores; each ocrd start is CPU-bound
 MODES = ("quarantine", "delete")
 
 # Every syscall by which ocrd changes the model dir (or writes what it later trusts).
-# shutil.rmtree removes with unlinkat/rmdir; restores write .ocrd-tmp-* files.
-# A quarantine renames relative to open directories (renameat); a delete unlinks
-# relative to the model dir (unlinkat).
-WALKED = ("rename", "renameat", "unlink", "unlinkat", "link", "rmdir", "mkdir", "fsync")
-# Variants this Python and libc never use: one run proves none is called (or walks them).
-UNUSED = ("renameat2", "linkat", "mkdirat", "fdatasync")
+# Everything in the model dir is relative to its descriptor: renames (renameat),
+# unlinks and rmdirs (unlinkat), a restore's link (linkat), the quarantine's
+# directories (mkdirat); the state dir's files are replaced by path (rename).
+WALKED = ("rename", "renameat", "unlink", "unlinkat", "linkat", "rmdir", "mkdirat", "fsync")
+# Variants ocrd does not call on these paths: one run proves none is (or walks them).
+UNUSED = ("renameat2", "link", "mkdir", "fdatasync")
 # Most writes are log lines; the CI walk takes the writes to files (fd > 2), the soak all.
 SYSCALLS = (*WALKED, *UNUSED, "write")
 MAX_N = 300  # a walk still killed at this N means the run never completes
 # (syscall, highest N) a restart may be killed at: recovery removes, then the actions run.
 RESTART_KILLS = (
-    ("unlink", 2),
     ("unlinkat", 8),
-    ("rmdir", 2),
-    ("rename", 8),
-    ("link", 2),
-    ("mkdir", 4),
+    ("renameat", 8),
+    ("rename", 4),
+    ("linkat", 2),
+    ("mkdirat", 4),
     ("fsync", 12),
 )
 RESTART_KILL_SHARE = 0.35
@@ -623,7 +622,8 @@ def apply_point(h: Harness, mode: str, syscall: str, n: int) -> bool:
 
 @pytest.mark.timeout(LONG)
 def test_apply_killed_at_every_syscall(harness: Harness) -> None:
-    """A SIGKILL at every rename(at)/unlink/link/rmdir/mkdir/fsync/write of apply loses nothing."""
+    """A SIGKILL at every rename(at)/unlink(at)/linkat/rmdir/mkdirat/fsync/write of apply
+    loses nothing."""
     h = harness
     calls: dict[str, int] = {}
 
@@ -664,16 +664,16 @@ def test_apply_killed_at_every_syscall(harness: Harness) -> None:
 
     # The longest walks first, so that the two workers finish together.
     tasks: list[Callable[[], None]] = []
-    for syscall in ("fsync", "rename", "renameat", "unlinkat", "mkdir"):
+    for syscall in ("fsync", "rename", "renameat", "unlinkat", "mkdirat"):
         tasks += [lambda m=m, s=syscall: walk(m, s) for m in MODES]
     tasks += [lambda m=m: writes(m) for m in MODES]
-    for syscall in ("unlink", "rmdir", "link"):
+    for syscall in ("unlink", "rmdir", "linkat"):
         tasks += [lambda m=m, s=syscall: walk(m, s) for m in MODES]
     tasks += [lambda m=m: unused(m) for m in MODES]
     parallel(h, tasks)
     print(f"\n`ocrd apply` calls per syscall: {dict(sorted(calls.items()))}")
     for mode in MODES:
-        for syscall in ("rename", "link", "unlink", "mkdir", "fsync", "write"):
+        for syscall in ("rename", "linkat", "unlinkat", "mkdirat", "fsync", "write"):
             assert calls[f"{mode}/{syscall}"] > 0, f"{mode}: no {syscall} was ever killed"
     assert calls["delete/unlinkat"] > 0, "no tree was removed with unlinkat"
     assert calls["quarantine/renameat"] > 0, "no model was moved into a quarantine batch"
@@ -775,7 +775,7 @@ def test_daemon_killed_at_syscalls_of_its_first_cycle(harness: Harness) -> None:
     seen = {mode: dict(sorted(counts.items())) for mode, counts in calls.items()}
     print(f"\n`ocrd run` calls per syscall: {seen}")
     for mode in MODES:
-        for syscall in ("rename", "link", "unlink", "mkdir", "fsync"):
+        for syscall in ("rename", "linkat", "unlinkat", "mkdirat", "fsync"):
             assert calls[mode][syscall] > 0, f"the daemon ({mode}) made no {syscall}"
     if SOAK:  # every N of every syscall, until a run ends unkilled
 
