@@ -147,6 +147,7 @@ def list_(obj: _Context, as_json: bool, show_all: bool) -> None:
 
     policy = obj.load().policy
     snapshot = observe(policy, log=log.get(), progress=_progress(), full=True)
+    _warn_unseen(snapshot.unseen)
     now = time.time()
     plan = reconcile(policy, snapshot, now=now)
     shown = [c for c in plan.classified if show_all or c.cls is not Class.IGNORED]
@@ -180,6 +181,7 @@ def plan(obj: _Context, as_json: bool, exit_code: bool) -> None:
     policy = obj.load().policy
     with no_gc_pauses():
         snapshot = observe(policy, log=log.get(), progress=_progress())
+        _warn_unseen(snapshot.unseen)
         result = reconcile(policy, snapshot, now=time.time())
         if as_json:
             text = json.dumps(render.plan_json(str(policy.model_dir), result), indent=2)
@@ -226,7 +228,15 @@ def apply(obj: _Context, dry_run: bool) -> None:
                     engine.release()
                 except EngineError as exc:
                     logger.error("engine.release_failed", engine=engine.name, error=str(exc))
+    if result.snapshot.unseen:
+        logger.warning("scan.unseen", unseen=list(result.snapshot.unseen))
     sys.exit(EXIT_PROBLEMS if result.problems else EXIT_OK)
+
+
+def _warn_unseen(unseen: tuple[str, ...]) -> None:
+    """What a read-only command could not look at, and what that leaves out: on stderr."""
+    for text in unseen:
+        click.echo(f"ocrd: warning: {text}", err=True)
 
 
 def _deleted_held(root: str) -> list[dict[str, Any]]:
@@ -257,13 +267,13 @@ def trash() -> None:
 def trash_list(obj: _Context, as_json: bool) -> None:
     """Quarantined models, oldest first."""
     from ocrd.core import render
-    from ocrd.observe.trash import read_trash, trash_problem
+    from ocrd.observe.trash import read_trash, trash_unreadable
 
     policy = obj.load().policy
     _require_dir(policy.model_dir)
-    problem = trash_problem(str(policy.model_dir))
-    if problem:
-        click.echo(f"ocrd: warning: {policy.model_dir}/{problem}; nothing listed", err=True)
+    unreadable = trash_unreadable(str(policy.model_dir))
+    if unreadable:
+        click.echo(f"ocrd: warning: {policy.model_dir}/{unreadable}", err=True)
     items = read_trash(str(policy.model_dir))
     now = time.time()
     if as_json:
@@ -446,6 +456,13 @@ def main() -> None:
         sys.exit(EXIT_USAGE)
     except OcrdError as exc:
         _fail(exc)
+    except OSError as exc:  # a file ocrd needs: one line naming it and the fix
+        if os.environ.get("OCRD_DEBUG") == "1":
+            raise
+        from ocrd.openfile import explain_os_error
+
+        click.echo(f"ocrd: error: {explain_os_error(exc)}", err=True)
+        sys.exit(EXIT_PROBLEMS)
     except Exception as exc:  # a bug: one line for the user, the traceback on request
         if os.environ.get("OCRD_DEBUG") == "1":
             raise

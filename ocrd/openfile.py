@@ -146,3 +146,44 @@ def mount_id(fd: int) -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def _owner_near(path: str) -> str | None:
+    """The owner of *path*, else of the nearest directory above it that exists."""
+    current = path
+    while current:
+        try:
+            return owner_name(os.lstat(current).st_uid)
+        except OSError:
+            parent = os.path.dirname(current)
+            if parent == current:
+                return None
+            current = parent
+    return None
+
+
+def explain_os_error(exc: OSError) -> str:
+    """An OSError as one line for an operator: the path, what went wrong, how to fix it."""
+    path = os.fsdecode(exc.filename) if exc.filename is not None else None
+    what = exc.strerror or str(exc)
+    where = f"{path}: " if path else ""
+    code = exc.errno
+    if code in (errno.EACCES, errno.EPERM):
+        owner = _owner_near(path) if path else None
+        who = f"as {owner} (its owner)" if owner else "as its owner"
+        fix = f"run ocrd {who} or as root, or fix its permissions"
+    elif code == errno.EROFS:
+        fix = "the file system is read-only: remount it read-write or point ocrd elsewhere"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        fix = "the file system is full: free some space"
+    elif code == errno.ELOOP:
+        fix = "it is a symbolic link, which ocrd does not follow there: put the real file there"
+    elif code in (errno.ENOTDIR, errno.EISDIR):
+        fix = "it is not the kind of file ocrd expects there: move it away"
+    elif code == errno.EBUSY:
+        fix = "it is a mount point or busy: unmount it, or wait and retry"
+    elif code == errno.ENOENT:
+        fix = "it does not exist (any more): create it or fix the policy"
+    else:
+        fix = "check the path and its file system"
+    return f"{where}{what}; {fix}"

@@ -106,6 +106,9 @@ def _recover(root: str, fd: int, log: Log, names: Iterable[str] | None) -> list[
         trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
     except FileNotFoundError:
         return cleaned
+    except OSError as exc:
+        log.warning("recovery.kept", path=TRASH, reason=f"cannot be opened ({exc.strerror})")
+        return cleaned
     try:
         batches = sorted(os.scandir(trash), key=lambda c: c.name)
         for child in batches:

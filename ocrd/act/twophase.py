@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ocrd.act.fs import Changed, hidden_name, rename_noreplace
-from ocrd.act.tree import refuse_mounts_at, remove_whole
+from ocrd.act.tree import Leftover, refuse_mounts_at, remove_whole
 from ocrd.core.names import DELETING_PREFIX, TRASH
 from ocrd.observe.handles import Holder
 from ocrd.observe.scan import tree_members
@@ -126,6 +126,14 @@ class TwoPhase:
                 + ("put back, nothing deleted" if where is None else f"kept as {where}")
             )
         if moved.is_dir:
+            try:
+                # Again now it is out of its name: a mount made inside it after the
+                # first check sends it back whole.
+                refuse_mounts_at(self.root_fd, hidden)
+            except Leftover as exc:
+                where = self.put_back(moved)
+                back = "put back whole" if where is None else f"kept as {where}"
+                raise Leftover(f"{exc}; {back}") from None
             try:
                 keys, paths = tree_members(self.root_fd, hidden, self.root)
             except OSError as exc:  # what cannot be looked into is not deleted

@@ -76,6 +76,7 @@ class Snapshot:
     entries: tuple[Entry | ListedEntry, ...] = ()
     trash: tuple[TrashItem, ...] = ()
     inode: int = 0  # with device: which directory this is (0: not known)
+    unseen: tuple[str, ...] = ()  # what the scan could not look at, and what that means
 
     def by_name(self) -> dict[str, Entry | ListedEntry]:
         return {e.name: e for e in self.entries}

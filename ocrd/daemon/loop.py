@@ -85,6 +85,7 @@ class Daemon:
         self._locked_dir: Path | None = None
         self._lock_id: tuple[int, int] | None = None
         self._visibility: tuple[int, int] | None = None
+        self._unseen: tuple[str, ...] = ()  # what the last scan could not look at
         self.loaded: LoadedPolicy
         self.engine: EngineSupervisor
         self.watcher: Watcher
@@ -435,6 +436,10 @@ class Daemon:
             self.state.note_error("cycle", f"{type(exc).__name__}: {exc}")
             return
         self.state.cycle.succeeded()
+        if result.snapshot.unseen != self._unseen:
+            self._unseen = result.snapshot.unseen
+            if self._unseen:  # logged when it changes, not every cycle
+                self.log.warning("scan.unseen", unseen=list(self._unseen))
         if result.held_back is None:
             done = result.outcome.done
             self.state.view.acted(

@@ -62,6 +62,7 @@ class HashCache:
         self._seen: set[str] = set()
         self._dirty = False
         self.error: str | None = None  # the last write's error, if it failed
+        self.unreadable: str | None = None  # why the cache on disk could not be read
         if self.path is not None:
             try:
                 fd = open_regular(self.path)  # never block on a FIFO put in its place
@@ -69,8 +70,14 @@ class HashCache:
                     loaded = json.load(fh)
                 if isinstance(loaded, dict) and loaded.get("version") == 1:
                     self._data = {str(k): str(v) for k, v in loaded["hashes"].items()}
-            except (OSError, NotRegularError, ValueError, KeyError, AttributeError):
+            except FileNotFoundError:
                 self._data = {}
+            except (OSError, NotRegularError) as exc:
+                why = exc.strerror if isinstance(exc, OSError) else f"it is {exc.kind}"
+                self.unreadable = f"the hash cache {self.path} cannot be read ({why})"
+                self._data = {}
+            except (ValueError, KeyError, AttributeError):
+                self._data = {}  # garbled: rebuilt from the next hashes
 
     @staticmethod
     def key(st: os.stat_result) -> str:

@@ -9,6 +9,7 @@ so an unchanged multi-GB file is read once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import gc
 import operator
@@ -25,7 +26,7 @@ from ocrd.core.names import OWN_PREFIX as OWN
 from ocrd.core.plan import may_act_on
 from ocrd.core.policy import Policy
 from ocrd.observe.hashing import HashCache, Progress, sha256_file
-from ocrd.observe.trash import read_trash
+from ocrd.observe.trash import read_trash, trash_unreadable
 from ocrd.observe.walk import Incomplete, below
 from ocrd.openfile import NotRegularError
 
@@ -111,16 +112,22 @@ def _entry(
     cache: HashCache | None,
     progress: Progress | None,
     hashed: Hashed | None = None,
+    unseen: list[str] | None = None,
 ) -> Entry:
     kind = kind_of(st.st_mode)
     size, mtime = st.st_size, st.st_mtime
     if kind is Kind.DIR and not name.startswith("."):
         try:
             size, mtime = tree_stats(dir_fd, name)
-        except Incomplete:
+        except Incomplete as exc:
             # Part of it cannot be looked into: its newest mtime is unknown, so it is
             # taken as modified just now (never due for a prune by age).
             mtime = time.time()
+            if unseen is not None:
+                unseen.append(
+                    f"{name}: part of it cannot be looked into ({exc.strerror}); "
+                    "taken as modified just now, so it is never pruned by age"
+                )
         except FileNotFoundError:
             pass
     sha = None
@@ -209,6 +216,7 @@ def scan(
     pins = pins or {}
     fd = open_model_dir(root) if dir_fd is None else dir_fd
     entries: list[Entry | ListedEntry] = []
+    unseen: list[str] = []
     try:
         own = os.fstat(fd)
         device = own.st_dev
@@ -234,18 +242,28 @@ def scan(
                             mtime_ns=st.st_mtime_ns,
                         )
                     else:
-                        entry = _entry(fd, name, st, pins, cache, progress, hashed)
+                        entry = _entry(fd, name, st, pins, cache, progress, hashed, unseen)
                     entries.append(entry)
                 except FileNotFoundError:
                     continue  # removed while we looked
         trash = read_trash(root, dir_fd=fd)
+        unreadable = trash_unreadable(root, dir_fd=fd)
+        if unreadable is not None:
+            unseen.append(unreadable)
     except PermissionError:
         raise ModelDirError(f"model_dir {root} is not readable by this user") from None
     finally:
         if dir_fd is None:
             os.close(fd)
     entries.sort(key=_by_name)
-    return Snapshot(root=root, device=device, entries=tuple(entries), trash=trash, inode=own.st_ino)
+    return Snapshot(
+        root=root,
+        device=device,
+        entries=tuple(entries),
+        trash=trash,
+        inode=own.st_ino,
+        unseen=tuple(unseen),
+    )
 
 
 def observe(
@@ -283,6 +301,9 @@ def observe(
         hashed=hashed,
         examine=None if full else may_act_on(policy),
     )
+    if cache.unreadable is not None and policy.pins():
+        why = f"{cache.unreadable}; pinned models are hashed again"
+        snapshot = dataclasses.replace(snapshot, unseen=(*snapshot.unseen, why))
     error = cache.save()
     if error:
         log.warning(

@@ -17,7 +17,14 @@ from typing import Any, NamedTuple
 
 from ocrd.core.model import TrashItem
 from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
-from ocrd.openfile import DIR_FLAGS, NotRegularError, describe_mode, mount_id, open_regular
+from ocrd.openfile import (
+    DIR_FLAGS,
+    NotRegularError,
+    describe_mode,
+    mount_id,
+    open_regular,
+    owner_name,
+)
 
 _by_time_id = operator.attrgetter("trashed_at", "id")
 
@@ -128,6 +135,8 @@ def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
             trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
         except FileNotFoundError:
             return None
+        except PermissionError:
+            return None  # a real directory, or not: this user cannot tell (trash_unreadable)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 return f"{TRASH} cannot be inspected ({exc.strerror})"
@@ -150,6 +159,44 @@ def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
     finally:
         if dir_fd is None:
             os.close(fd)
+
+
+def trash_unreadable(root: str, *, dir_fd: int | None = None) -> str | None:
+    """Why the quarantine cannot be read by this user, with the fix (None: it can, or
+    there is none); what read_trash then leaves out, in words for a warning."""
+    fd = _root_fd(root, dir_fd)
+    try:
+        problem = trash_problem(root, dir_fd=fd)
+        if problem is not None:
+            return f"{problem}; quarantined models are not shown"
+        try:
+            trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            owner = _owner_of(fd)
+            who = "root" if owner == "root" else f"{owner} (its owner) or root"
+            return (
+                f"{TRASH} cannot be read ({exc.strerror}); quarantined models are not "
+                f"shown: run as {who} to see them"
+            )
+        try:
+            os.listdir(trash)
+        except OSError as exc:
+            return f"{TRASH} cannot be listed ({exc.strerror}); quarantined models are not shown"
+        finally:
+            os.close(trash)
+        return None
+    finally:
+        if dir_fd is None:
+            os.close(fd)
+
+
+def _owner_of(dir_fd: int) -> str:
+    try:
+        return owner_name(os.stat(TRASH, dir_fd=dir_fd, follow_symlinks=False).st_uid)
+    except OSError:
+        return "the model dir's owner"
 
 
 def read_trash(root: str, *, dir_fd: int | None = None) -> tuple[TrashItem, ...]:

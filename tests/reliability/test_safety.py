@@ -5,6 +5,7 @@ root run before the service user's (DESIGN §4, issue "Safety")."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -36,9 +37,14 @@ TEST_USER = "ocrdtest"
 SYSTEM_PYTHON = "/usr/bin/python3"  # an interpreter every user may run (not one under /root)
 
 
+def delete_policy_data(models: Path) -> dict[str, object]:
+    """A policy pruning old_* at once, by deletion."""
+    return policy_data(models, prune={"action": "delete"})
+
+
 def delete_policy(path: Path, models: Path) -> Path:
     """A policy pruning old_* at once, by deletion."""
-    return write_policy(path, policy_data(models, prune={"action": "delete"}))
+    return write_policy(path, delete_policy_data(models))
 
 
 # -- ocrd's own names are what they must be, or ocrd refuses ------------------------------
@@ -426,6 +432,79 @@ def test_a_lock_left_by_root_names_the_fix(
     assert "belongs to root" in done.stderr and "chown" in done.stderr, done.stderr
 
 
+def test_read_only_commands_work_without_the_trash_lock_or_cache_and_say_what_they_miss(
+    shared_dir: Path, env: dict[str, str], test_user: str
+) -> None:
+    """A model dir the user owns, with a root-owned mode-0700 `.ocrd-trash` (holding a
+    quarantined model), a root-owned mode-0600 `.ocrd-lock` and an unreadable hash cache:
+    check, list, plan and trash list work as that user, each warning in one line what it
+    could not see and how to see it; none is an internal error."""
+    entry = pwd.getpwnam(test_user)
+    models, state = shared_dir / "models", shared_dir / "state"
+    for directory in (models, state):
+        directory.mkdir()
+        os.chown(directory, entry.pw_uid, entry.pw_gid)
+    make_model(models, "pinned.bin", b"pinned")
+    make_model(models, "old_a")
+    batch = models / ".ocrd-trash" / "20260101T000000Z-00000000"
+    batch.mkdir(parents=True)
+    (batch / "old_z").write_bytes(b"quarantined")
+    (models / ".ocrd-trash").chmod(0o700)
+    (models / ".ocrd-lock").write_text("")
+    (models / ".ocrd-lock").chmod(0o600)
+    (state / "hashes.json").write_text('{"version": 1, "hashes": {}}')
+    (state / "hashes.json").chmod(0o600)
+    pin = [{"name": "pinned.bin", "sha256": hashlib.sha256(b"pinned").hexdigest()}]
+    policy = write_policy(
+        shared_dir / "policy.yaml", policy_data(models, state_dir=str(state), required=pin)
+    )
+    policy.chmod(0o644)
+    user_env = {**env, "XDG_STATE_HOME": str(state)}
+    for command in (["check"], ["list"], ["plan"], ["trash", "list"]):
+        done = as_user(test_user, user_env, "--config", str(policy), *command)
+        where = (command, done.returncode, done.stdout[-300:], done.stderr)
+        assert "internal error" not in done.stderr and "Traceback" not in done.stderr, where
+        assert done.returncode in (0, 1, 3), where
+        if command != ["check"]:
+            assert ".ocrd-trash cannot be read" in done.stderr, where
+            assert "run as root" in done.stderr, where
+            assert "old_z" not in done.stdout, where
+        if command == ["list"]:  # the first to hash; its new cache is the user's from then on
+            assert "hash cache" in done.stderr and "hashed again" in done.stderr, where
+        if command in (["list"], ["plan"]):
+            assert "old_a" in done.stdout, where
+
+
+def test_a_directory_model_partly_unreadable_is_never_pruned_by_age(
+    shared_dir: Path, env: dict[str, str], test_user: str
+) -> None:
+    """An old directory model whose subdirectory the service user cannot read (root's,
+    mode 0700; it may hold a fresh file): its newest mtime is unknown, so `plan` says what
+    it could not see and `apply` leaves it, while the other old model is pruned."""
+    entry = pwd.getpwnam(test_user)
+    models = shared_dir / "models"
+    models.mkdir()
+    os.chown(models, entry.pw_uid, entry.pw_gid)
+    (models / "old_dir" / "closed").mkdir(parents=True)
+    (models / "old_dir" / "closed" / "fresh.bin").write_bytes(b"fresh")
+    (models / "old_dir" / "closed").chmod(0o700)
+    for path in (models / "old_dir",):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    make_model(models, "old_file", age=7200)
+    os.chown(models / "old_file", entry.pw_uid, entry.pw_gid)
+    policy = write_policy(shared_dir / "policy.yaml", delete_policy_data(models))
+    policy.chmod(0o644)
+    user_env = {**env, "XDG_STATE_HOME": str(shared_dir / "xdg")}
+    planned = as_user(test_user, user_env, "--config", str(policy), "plan")
+    assert "old_dir: part of it cannot be looked into" in planned.stderr, planned
+    assert "never pruned by age" in planned.stderr, planned
+    applied = as_user(test_user, user_env, "--config", str(policy), "apply")
+    assert "internal error" not in applied.stderr, applied
+    assert not (models / "old_file").exists(), applied.stdout
+    assert (models / "old_dir" / "closed" / "fresh.bin").read_bytes() == b"fresh"
+
+
 # -- no deletion under a holder, at any instant -------------------------------------------
 
 STRACE = shutil.which("strace")
@@ -471,6 +550,104 @@ def test_a_fresh_copy_put_under_a_planned_name_in_the_window_is_never_deleted(
     assert [e["model"] for e in changed] == ["old_a"], logs
     assert not [e for e in logs if e["event"] == "model.pruned"], logs
     assert [n for n in os.listdir(models) if n.startswith(".ocrd-deleting-")] == []
+
+
+UNLINKS = {263}  # unlinkat on x86_64
+
+
+def _held_apply(
+    policy: Path, env: dict[str, str], syscalls: str, numbers: set[int], swap: Callable[[], None]
+) -> tuple[list[dict[str, object]], str]:
+    """`ocrd apply` held by strace at the first of *syscalls*; *swap* runs in that window.
+    Returns the log lines and stderr."""
+    assert STRACE is not None
+    first = syscalls.split(",")[0]
+    argv = [
+        STRACE, "-f", "-qq", "-o", "/dev/null",
+        "-e", f"trace={syscalls}",
+        "-e", f"inject={syscalls}:delay_enter=1500000:when=1",
+        str(Path(sys.executable).parent / "ocrd"), "--config", str(policy), "apply",
+    ]  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not in_syscall(proc, numbers):
+            assert proc.poll() is None, (first, proc.communicate())
+            assert time.monotonic() < deadline, f"never held at {first}"
+            time.sleep(0.005)
+        swap()
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")], err
+
+
+def _events(logs: list[dict[str, object]], event: str) -> list[dict[str, object]]:
+    return [e for e in logs if e["event"] == event]
+
+
+@needs_strace
+@needs_mount
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+@pytest.mark.parametrize(
+    "step", ["mount-before-move-out", "link-before-move-out", "link-before-removal"]
+)
+def test_a_directory_model_swapped_between_the_steps_of_its_delete(
+    models: Path,
+    policy: Path,
+    tmp_path: Path,
+    env: dict[str, str],
+    bind: Callable[[Path, Path], None],
+    step: str,
+) -> None:
+    """strace holds `ocrd apply` at a step of a directory model's delete while the model is
+    changed underneath: a bind mount put inside it after the mount check (held at the
+    move-out rename), the model swapped for a link to an outside directory (same window),
+    a subdirectory swapped for such a link once it is out of its name (held at the first
+    unlink of its removal). Nothing outside is touched and each case is reported."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"precious")
+    model = models / "old_d"
+    (model / "sub").mkdir(parents=True)
+    (model / "sub" / "w.bin").write_bytes(b"weights")
+    (model / "top.bin").write_bytes(b"top")
+    for path in (model / "sub" / "w.bin", model / "top.bin", model / "sub", model):
+        os.utime(path, (time.time() - 7200, time.time() - 7200))
+    delete_policy(policy, models)
+
+    def mount_inside() -> None:
+        bind(outside, model / "sub")
+
+    def link_for_model() -> None:
+        os.rename(model, models / ".aside")
+        model.symlink_to(outside)
+
+    def link_for_sub() -> None:
+        (hidden,) = [p for p in models.iterdir() if p.name.startswith(".ocrd-deleting-")]
+        os.rename(hidden / "sub", models / ".aside-sub")
+        (hidden / "sub").symlink_to(outside)
+
+    if step == "mount-before-move-out":
+        logs, err = _held_apply(policy, env, "renameat,renameat2", RENAMES, mount_inside)
+        failed = _events(logs, "action.failed")
+        assert [e["model"] for e in failed] == ["old_d"], (logs, err)
+        assert "mount point" in str(failed[0]["error"]), failed
+        # Checked again once out of its name: it went back whole, nothing of it deleted.
+        assert (model / "top.bin").read_bytes() == b"top", failed
+    elif step == "link-before-move-out":
+        logs, err = _held_apply(policy, env, "renameat,renameat2", RENAMES, link_for_model)
+        assert [e["model"] for e in _events(logs, "model.changed")] == ["old_d"], (logs, err)
+        assert model.is_symlink()  # what moved out was the link: it went back
+    else:
+        logs, err = _held_apply(policy, env, "unlinkat", UNLINKS, link_for_sub)
+        assert "internal error" not in err, err
+    assert (outside / "precious.bin").read_bytes() == b"precious", (logs, err)
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.bin"], (logs, err)
+    assert not _events(logs, "cycle.failed"), logs
 
 
 HOLDER = r"""
