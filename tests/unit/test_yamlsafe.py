@@ -220,7 +220,7 @@ def test_quoted_keys_that_look_like_numbers_are_words() -> None:
 @pytest.mark.parametrize(
     ("data", "line"),
     [
-        (b"a: [1, 2\n", 2),
+        (b"a: [1, 2\n", 1),  # the line the list was opened on
         (b"a: 1\n\tb: 2\n", 2),
         (b"a: 1\n---\nb: 2\n", 2),
     ],
