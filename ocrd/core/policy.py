@@ -232,7 +232,7 @@ class Required(_Strict):
         return value
 
 
-def _plain_name(value: Any) -> Any:
+def plain_name(value: Any) -> Any:
     """`- en_ocr_v1.bin` means `- name: en_ocr_v1.bin`; a mapping is validated as it is."""
     if isinstance(value, str):
         return {"name": value}
@@ -245,7 +245,7 @@ def _plain_name(value: Any) -> Any:
 
 
 RequiredEntry = Annotated[
-    Required, BeforeValidator(_plain_name, json_schema_input_type=str | Required)
+    Required, BeforeValidator(plain_name, json_schema_input_type=str | Required)
 ]
 
 
