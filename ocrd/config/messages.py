@@ -24,7 +24,7 @@ from ocrd.core.policy import Loc, Policy, parse_duration, plain_name
 from ocrd.core.spelling import nearest
 
 FIX = "Fix it, then run `ocrd check`."
-Expected = Literal["text", "duration"]
+Expected = Literal["text", "duration", "number"]
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Expectation:
     """What the policy expects where YAML may have misread the user's text."""
 
     kind: Expected
-    noun: str  # "a duration", "a path", "'report' or 'prune'", "text"
+    noun: str  # "a duration", "a path", "'report' or 'prune'", "text", "a number"
     nullable: bool = False
     choices: tuple[str, ...] = ()  # for a choice: the valid words
 
@@ -114,7 +114,8 @@ def section(loc: Loc) -> type[BaseModel] | None:
 
 def expected(loc: Loc) -> Expectation | None:
     """What the policy expects at *loc* when YAML may have misread it: text (a string, a
-    path, a choice, a plain model name) or a duration; and whether null is valid there."""
+    path, a choice, a plain model name), a duration or a number; and whether null is valid
+    there."""
     found = _at(loc)
     if found is None:
         return None
@@ -126,6 +127,8 @@ def expected(loc: Loc) -> Expectation | None:
     members = _members(annotation)
     if plain_name in funcs:
         return Expectation("text", "a model name")
+    if members in ((int,), (float,)):
+        return Expectation("number", "a number")
     if not all(_is_text(m) for m in members):
         return None
     if members == (Path,):
@@ -157,14 +160,19 @@ def _sections() -> Iterator[tuple[str, type[BaseModel]]]:
 # -- where a value came from -----------------------------------------------------------
 
 
-def _has(data: Any, loc: Loc) -> bool:
-    for part in loc:
+def _depth(data: Any, loc: Loc) -> tuple[int, bool]:
+    """How far *loc* reaches into *data*, and whether *data* holds the whole value there: it
+    reaches all the way, or passes a list or a single value on the way (a list from the
+    environment replaces the file's as a whole; only sections merge key by key)."""
+    for depth, part in enumerate(loc):
         in_list = isinstance(part, int) and isinstance(data, list) and part < len(data)
         in_section = isinstance(part, str) and isinstance(data, dict) and part in data
         if not (in_list or in_section):
-            return False
+            return depth, depth > 0 and not isinstance(data, dict)
+        if in_list:
+            return depth, True
         data = data[part]
-    return True
+    return len(loc), True
 
 
 @dataclass(frozen=True)
@@ -183,8 +191,9 @@ class Origins:
 
     def variable_for(self, loc: Loc) -> str | None:
         """The OCRD_* variable that set the value at *loc*, or None when the file did."""
-        if not _has(self.reading.env, loc):
-            return None
+        env, whole = _depth(self.reading.env, loc)
+        if not whole and env <= _depth(self.document.value, loc)[0]:
+            return None  # the file's value (or neither's: blamed on the file, with a line)
         paths = self._paths()
         above = [p for p in paths if loc[: len(p)] == p]
         if above:
@@ -284,6 +293,12 @@ def pydantic_message(error: Mapping[str, Any], *, var: str | None) -> str:
         return f"expected a path, got {given}"
     if kind == "string_type":
         return f"expected text, got {given}"
+    if kind in ("bool_parsing", "bool_type"):
+        return f"expected a boolean (true or false), got {given}"
+    if kind in ("int_parsing", "int_type", "int_from_float"):
+        return f"expected an integer (a whole number), got {given}"
+    if kind in ("float_parsing", "float_type"):
+        return f"expected a number, got {given}"
     msg = str(error["msg"])
     return msg.removeprefix("Value error, ")
 
@@ -308,6 +323,8 @@ def misread(loc: Loc, scalar: Scalar) -> str | None:
         return read
     if want.kind == "text":
         return f"{read}; quote it: {_quoted(scalar.text)}"
+    if want.kind == "number":  # pydantic would take true as 1
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else read
     plain_number = isinstance(value, int | float) and not isinstance(value, bool)
     if plain_number and ":" not in scalar.text:
         return None  # plain seconds are a valid duration

@@ -81,19 +81,18 @@ class PolicyEnvSource(EnvSettingsSource):
     """
 
     def __init__(self, settings_cls: type[BaseSettings], reading: Reading) -> None:
-        self.reading = reading
         super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        keys = set(self.settings_cls.model_fields)
+        self.reading = reading
+        keys = set(settings_cls.model_fields)
         named = {name.lower(): name for name in os.environ if name.upper().startswith(ENV_PREFIX)}
         for lower, name in sorted(named.items()):
             if first_segment(lower) in keys:
-                self.reading.variables[lower] = name
+                reading.variables[lower] = name
             elif name.upper() not in OWN_VARIABLES:
-                self.reading.ignored.append(name)
-        loaded = super()._load_env_vars()
-        return {name: value for name, value in loaded.items() if name in self.reading.variables}
+                reading.ignored.append(name)
+        # env_vars: what pydantic-settings read from os.environ (names lower-cased, as
+        # case_sensitive=False asks); it goes on from here with the policy's own only.
+        self.env_vars = {k: v for k, v in self.env_vars.items() if k in reading.variables}
 
     def decode_complex_value(self, field_name: str, field: FieldInfo, value: Any) -> Any:
         try:

@@ -273,12 +273,16 @@ class Prune(_Strict):
 
 
 class Quarantine(_Strict):
+    """How long pruned models stay restorable in model_dir/.ocrd-trash/."""
+
     retention: Duration = Field(
         default=7 * 86400.0, description="Quarantined entries older than this are purged."
     )
 
 
 class EngineSettings(_Strict):
+    """The OCR engine ocrd releases before it deletes anything."""
+
     backend: Literal["auto", "aspose", "none"] = Field(
         default="auto", description="auto: aspose where installed, else none."
     )
@@ -291,6 +295,8 @@ class EngineSettings(_Strict):
 
 
 class Reconcile(_Strict):
+    """When the daemon runs a cycle."""
+
     debounce: PositiveDuration = Field(
         default=2.0, description="Settle time after the last file event."
     )
@@ -298,6 +304,8 @@ class Reconcile(_Strict):
 
 
 class Log(_Strict):
+    """Log lines: format and lowest level."""
+
     format: Literal["json", "console"] = Field(default="json", description="json | console.")
     level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level written."
@@ -326,7 +334,7 @@ class Policy(_Strict):
     whitelist: list[Glob] = Field(
         default_factory=list, description="Globs on entry names that are never touched."
     )
-    prune: Prune = Field(default_factory=Prune)
+    prune: Prune = Field(default_factory=Prune, description="Which stale models go, and how.")
     unmanaged: Literal["report", "prune"] = Field(
         default="report", description="What to do with entries that match nothing."
     )
@@ -335,10 +343,16 @@ class Policy(_Strict):
         default_factory=lambda: list(DEFAULT_IGNORE),
         description="Globs never touched nor listed (dot-entries always are).",
     )
-    quarantine: Quarantine = Field(default_factory=Quarantine)
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    reconcile: Reconcile = Field(default_factory=Reconcile)
-    log: Log = Field(default_factory=Log)
+    quarantine: Quarantine = Field(
+        default_factory=Quarantine, description="How long pruned models stay restorable."
+    )
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="The OCR engine released before deletes."
+    )
+    reconcile: Reconcile = Field(
+        default_factory=Reconcile, description="When the daemon runs a cycle."
+    )
+    log: Log = Field(default_factory=Log, description="Log format and level.")
 
     @field_validator("model_dir", "state_dir", mode="before")
     @classmethod
@@ -372,6 +386,26 @@ def cross_check(policy: Policy) -> list[tuple[Loc, str]]:
                     )
                 )
     return found
+
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a policy file (what the YAML may hold), for editors: `ocrd schema`.
+
+    Generated from the models above, with their descriptions and defaults; durations are
+    strings or seconds, required entries plain names or mappings, as the file may write them.
+    """
+    schema = Policy.model_json_schema(mode="validation")
+    schema.pop("title", None)
+    schema.pop("description", None)
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "title": "ocrd policy",
+        "description": "The desired state of one model directory, for ocrd (`ocrd check`).",
+        **schema,
+    }
 
 
 GLOB_CHARS = "*?["
