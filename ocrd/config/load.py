@@ -255,11 +255,10 @@ def _undecodable(exc: SettingsError, origins: Origins) -> PolicyError:
     ]
     if not names:  # not a JSON problem: say what pydantic-settings said, without its classes
         cause = exc.__cause__ or exc
-        return PolicyError(
-            [Problem(str(origins.path), None, "", f"cannot read the OCRD_* variables: {cause}")]
-        )
+        message = f"cannot read the OCRD_* variables ({cause}). Check them, then run `ocrd check`."
+        return PolicyError([Problem(str(origins.path), None, "", message)])
     name = names[0]
-    loc = tuple(name[len(settings.ENV_PREFIX) :].lower().split(settings.NESTED))
+    loc = _env_loc(name.lower())
     detail = exc.__cause__ or exc
     message = (
         f"is not valid JSON ({detail}). Lists and sections must be JSON in the environment, "
