@@ -16,6 +16,9 @@ from _common import (
 
 NAME = "startup"
 RUNS = 10
+TARGET = 0.3  # seconds: issue 13, with pydantic-settings back as the settings engine
+# The figure before it came back (ocrd's own OCRD_* reader), from bench/RESULTS.md.
+OLD_FIGURE = "193 ms before pydantic-settings came back (RESULTS.md, same command)"
 
 
 def run(quick: bool) -> list[Row]:
@@ -42,11 +45,11 @@ def run(quick: bool) -> list[Row]:
             f"ocrd check, backend none (median of {RUNS})",
             c,
             "s",
-            "<= 0.5 s",
-            c <= 0.5,
+            f"<= {TARGET} s",
+            c <= TARGET,
             b,
             "python -c pass",
-            note,
+            "; ".join(filter(None, [note, OLD_FIGURE])),
         )
     ]
 

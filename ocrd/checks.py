@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from ocrd.config import LoadedPolicy
+from ocrd.config import LoadedPolicy, ignored_note
 from ocrd.core.names import TRASH
 from ocrd.core.policy import Policy, conflicts
 from ocrd.engine.auto import make_engine
@@ -13,7 +13,7 @@ from ocrd.engine.base import EngineError
 from ocrd.engine.none import NoEngine
 from ocrd.observe.handles import build_index
 
-Finding = tuple[str, str]  # (ok | warning | error, text)
+Finding = tuple[str, str]  # (ok | info | warning | error, text)
 
 
 def _dir_findings(label: str, path: str, *, must_exist: bool) -> list[Finding]:
@@ -94,6 +94,8 @@ def run_checks(loaded: LoadedPolicy) -> list[Finding]:
     policy = loaded.policy
     root = str(policy.model_dir)
     found: list[Finding] = [("ok", f"policy {loaded.path} is valid")]
+    found += [("warning", text) for text in loaded.warnings]
+    found += [("info", ignored_note(name)) for name in loaded.ignored_env]
     found += _dir_findings("model_dir", root, must_exist=True)
     trash = os.path.join(root, TRASH)
     if os.path.islink(trash) or (os.path.lexists(trash) and not os.path.isdir(trash)):

@@ -375,6 +375,14 @@ def trash_purge(obj: _Context, purge_all: bool) -> None:
 
 
 @cli.command()
+def schema() -> None:
+    """Print the policy's JSON Schema (for editors; see policy.schema.json)."""
+    from ocrd.core.policy import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=2, ensure_ascii=False))
+
+
+@cli.command()
 @_config_option
 @click.option("--polling", is_flag=True, help="Poll the directories instead of using inotify.")
 @click.pass_obj

@@ -1,4 +1,5 @@
-"""Loading a policy: the file read safely, environment overrides, paths resolved.
+"""Loading a policy: the file read safely, environment overrides (pydantic-settings),
+paths resolved.
 
 May import ocrd.core. Errors name the file, the line, the key and a fix.
 """
@@ -11,11 +12,13 @@ from ocrd.config.load import (
     policy_path,
     resolve_model_dir,
 )
+from ocrd.config.messages import ignored_note
 
 __all__ = [
     "DEFAULT_PATH",
     "LoadedPolicy",
     "default_state_dir",
+    "ignored_note",
     "load_policy",
     "policy_path",
     "resolve_model_dir",

@@ -1,26 +1,28 @@
 """Load a policy: the file (read safely), environment overrides, and paths
-resolved against the disk. Every error names file, line, key and a fix."""
+resolved against the disk. Every error names file, line, key and a fix.
+
+pydantic-settings reads the environment over the file (config/settings.py); this module
+reads the file, turns every error into a Problem (config/messages.py) and resolves paths.
+"""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from ocrd.config import yamlsafe
+from ocrd.config import settings, yamlsafe
+from ocrd.config.messages import FIX, Origins, key_path, misread, pydantic_message, variable_shape
 from ocrd.core.errors import PolicyError, Problem
-from ocrd.core.policy import Loc, Policy, cross_check
+from ocrd.core.policy import Loc, Policy, cross_check, prefix_warnings
 from ocrd.openfile import NotRegularError, read_regular
 
 DEFAULT_PATH = Path("/etc/ocrd/policy.yaml")
-ENV_PREFIX = "OCRD_"
-FIX = "Fix it, then run `ocrd check`."
 
 # model_dir may be none of these, nor below the second group (pseudo or system trees).
 FORBIDDEN_EXACT = frozenset(
@@ -73,7 +75,8 @@ class LoadedPolicy:
     policy: Policy
     path: Path
     digest: str  # sha256 of the file's bytes: which version is in force
-    warnings: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()  # "FILE:LINE: KEY: text" for valid but doubtful values
+    ignored_env: tuple[str, ...] = ()  # OCRD_* variables that name no policy key
 
 
 def policy_path(cli_value: str | os.PathLike[str] | None) -> Path:
@@ -82,182 +85,6 @@ def policy_path(cli_value: str | os.PathLike[str] | None) -> Path:
         return Path(cli_value)
     env = os.environ.get("OCRD_CONFIG")
     return Path(env) if env else DEFAULT_PATH
-
-
-def _key(loc: Loc) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _line_for(loc: Loc, lines: dict[Loc, int]) -> int | None:
-    for end in range(len(loc), -1, -1):
-        if loc[:end] in lines:
-            return lines[loc[:end]]
-    return None
-
-
-def _env_var(loc: Loc) -> str | None:
-    """The OCRD_* variable that set this key path, if one is set."""
-    words = [p for p in loc if isinstance(p, str)]
-    for end in range(len(words), 0, -1):
-        name = ENV_PREFIX + "__".join(words[:end]).upper()
-        if name in {k.upper() for k in os.environ}:
-            return name
-    return None
-
-
-NON_POLICY_ENV = frozenset({"OCRD_CONFIG", "OCRD_DEBUG"})
-
-
-def _submodel(annotation: Any) -> Any:
-    """The pydantic model a field holds directly (not in a list), else None."""
-    if hasattr(annotation, "model_fields"):
-        return annotation
-    if typing.get_origin(annotation) is list:
-        return None
-    for arg in typing.get_args(annotation):
-        if hasattr(arg, "model_fields"):
-            return arg
-    return None
-
-
-def _is_complex(annotation: Any) -> bool:
-    """Does the field hold a list or a mapping (given as JSON in the environment)?"""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return True
-    origin = typing.get_origin(annotation)
-    if origin in (list, dict):
-        return True
-    return any(_is_complex(arg) for arg in typing.get_args(annotation) if arg is not type(None))
-
-
-def _env_problem(name: str, path: Path, key: str, message: str) -> Problem:
-    return Problem(f"{path} (environment {name})", None, key, message)
-
-
-def _environment(path: Path) -> dict[str, Any]:
-    """The OCRD_* overrides as a nested mapping of policy keys (PolicyError if any is bad).
-
-    `OCRD_PRUNE__MIN_AGE=5m` sets prune.min_age; names are case-insensitive.
-    Lists and mappings are JSON (`OCRD_WHITELIST='["*.gguf"]'`); other values are
-    strings the policy model parses as it would the file's. A name that is no
-    policy key is an error: a typo must not be silently ignored.
-    """
-    overrides: dict[str, Any] = {}
-    problems: list[Problem] = []
-    # Shallow names first, so OCRD_PRUNE__MIN_AGE lands inside a JSON OCRD_PRUNE.
-    for name in sorted(os.environ, key=lambda n: (n.count("__"), n.upper())):
-        upper = name.upper()
-        if not upper.startswith(ENV_PREFIX) or upper in NON_POLICY_ENV:
-            continue
-        parts = upper[len(ENV_PREFIX) :].lower().split("__")
-        model: Any = Policy
-        annotation: Any = None
-        for part in parts:
-            field = None if model is None else model.model_fields.get(part)
-            if field is None:
-                valid = ", ".join(model.model_fields) if model is not None else "none"
-                problems.append(
-                    _env_problem(
-                        name,
-                        path,
-                        "",
-                        f"names no policy key (valid at {part!r}: {valid}); unset it or fix "
-                        "the name, e.g. OCRD_PRUNE__MIN_AGE",
-                    )
-                )
-                break
-            annotation = field.annotation
-            model = _submodel(annotation)
-        else:
-            value: Any = os.environ[name]
-            if _is_complex(annotation):
-                try:
-                    value = json.loads(value)
-                except ValueError as exc:
-                    problems.append(
-                        _env_problem(
-                            name,
-                            path,
-                            ".".join(parts),
-                            f"is not valid JSON ({exc}). Lists and mappings must be JSON in "
-                            f"the environment, e.g. OCRD_WHITELIST='[\"*.gguf\"]'. {FIX}",
-                        )
-                    )
-                    continue
-            _set_nested(overrides, parts, value)
-    if problems:
-        raise PolicyError(problems)
-    return overrides
-
-
-def _set_nested(target: dict[str, Any], parts: list[str], value: Any) -> None:
-    for part in parts[:-1]:
-        inner = target.get(part)
-        if inner is None:
-            inner = target[part] = {}
-        elif not isinstance(inner, dict):
-            return  # a JSON section that is no mapping: validation reports it
-        target = inner
-    target[parts[-1]] = value
-
-
-def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """*base* with *overrides* on top, mappings merged key by key (the overrides win)."""
-    out = dict(base)
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merged(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _valid_keys(loc: Loc) -> str:
-    model: Any = Policy
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(part)
-        if field is None:
-            return ""
-        annotation = field.annotation
-        inner = getattr(annotation, "__args__", None)
-        if inner:
-            annotation = next((a for a in inner if hasattr(a, "model_fields")), annotation)
-        if not hasattr(annotation, "model_fields"):
-            return ""
-        model = annotation
-    return ", ".join(model.model_fields)
-
-
-def _message(error: Any) -> str:
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        valid = _valid_keys(tuple(error["loc"]))
-        return f"unknown key; valid keys here are: {valid}" if valid else "unknown key"
-    if kind == "missing":
-        return "is required but not set"
-    msg = str(error["msg"])
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, ") :]
-    return msg
-
-
-def _problems_from(exc: ValidationError, path: Path, lines: dict[Loc, int]) -> list[Problem]:
-    problems = []
-    for error in exc.errors(include_url=False):
-        loc: Loc = tuple(error["loc"])
-        env = _env_var(loc)
-        where = f"{path} (environment {env})" if env else str(path)
-        line = None if env else _line_for(loc, lines)
-        problems.append(Problem(where, line, _key(loc), f"{_message(error)}. {FIX}"))
-    return problems
 
 
 def _problem(path: Path, message: str) -> PolicyError:
@@ -334,16 +161,13 @@ def _default_state_dir() -> tuple[Path, str]:
     return Path(os.path.expanduser("~")) / ".local" / "state" / "ocrd", "the home directory"
 
 
-def _resolve(policy: Policy, path: Path, lines: dict[Loc, int]) -> Policy:
+def _resolve(policy: Policy, origins: Origins) -> Policy:
+    path = origins.path
     base = path.resolve().parent
     problems: list[Problem] = []
 
     def fail(loc: Loc, message: str) -> None:
-        env = _env_var(loc)
-        where = f"{path} (environment {env})" if env else str(path)
-        problems.append(
-            Problem(where, None if env else _line_for(loc, lines), _key(loc), f"{message}. {FIX}")
-        )
+        problems.append(origins.problem(loc, message))
 
     model_dir = policy.model_dir
     try:
@@ -396,17 +220,16 @@ def _resolve(policy: Policy, path: Path, lines: dict[Loc, int]) -> Policy:
     )
 
 
-def load_policy(path: Path) -> LoadedPolicy:
-    """Read, validate and resolve the policy at *path*; PolicyError lists every problem."""
-    data = _read(path)
+def _parse(path: Path, data: bytes) -> yamlsafe.Document:
+    """The file's document, a mapping of keys (PolicyError with file:line if not)."""
     try:
-        raw, lines = yamlsafe.load(data)
+        doc = yamlsafe.read(data)
     except yamlsafe.YamlError as exc:
-        raise PolicyError([Problem(str(path), exc.line, _key(exc.loc), f"{exc}. {FIX}")]) from None
-    if raw is None:
-        raw = {}
-    overrides = _environment(path)
-    if not isinstance(raw, dict):
+        key = key_path(exc.loc)
+        raise PolicyError([Problem(str(path), exc.line, key, f"{exc}. {FIX}")]) from None
+    if doc.value is None:
+        return yamlsafe.Document({})
+    if not isinstance(doc.value, dict):
         raise PolicyError(
             [
                 Problem(
@@ -414,17 +237,92 @@ def load_policy(path: Path) -> LoadedPolicy:
                     1,
                     "",
                     "expected a mapping of keys (model_dir: …, "
-                    f"prune: …), got a {type(raw).__name__}. {FIX}",
+                    f"prune: …), got a {type(doc.value).__name__}. {FIX}",
                 )
             ]
         )
+    return doc
+
+
+def _undecodable(exc: SettingsError, origins: Origins) -> PolicyError:
+    """The variable whose list or section is not JSON, named with an example."""
+    reading = origins.reading
+    key, value = reading.undecodable or ("", "")
+    names = [
+        name
+        for lower, name in reading.variables.items()
+        if lower.endswith(key.lower()) and os.environ.get(name) == value
+    ]
+    if not names:  # not a JSON problem: say what pydantic-settings said, without its classes
+        cause = exc.__cause__ or exc
+        message = f"cannot read the OCRD_* variables ({cause}). Check them, then run `ocrd check`."
+        return PolicyError([Problem(str(origins.path), None, "", message)])
+    name = names[0]
+    loc = _env_loc(name.lower())
+    detail = exc.__cause__ or exc
+    message = (
+        f"is not valid JSON ({detail}). Lists and sections must be JSON in the environment, "
+        "e.g. OCRD_WHITELIST='[\"*.gguf\"]'"
+    )
+    return PolicyError([origins.problem(loc, message, var=name)])
+
+
+def _problems(origins: Origins, errors: list[Any]) -> list[Problem]:
+    """Every problem of one load: misnamed variables, YAML misreads, invalid values."""
+    problems: list[Problem] = []
+    shaped: set[str] = set()
+    for lower, name in sorted(origins.reading.variables.items()):
+        message = variable_shape(lower)
+        if message is not None:
+            shaped.add(name)
+            problems.append(origins.problem(_env_loc(lower), message, var=name))
+    misread_at: set[Loc] = set()
+    for at, scalar in origins.document.scalars.items():
+        message = misread(at, scalar)
+        if message is not None and origins.variable_for(at) is None:
+            misread_at.add(at)
+            problems.append(origins.problem(at, message))
+    for error in errors:
+        loc: Loc = tuple(error["loc"])
+        var = origins.variable_for(loc)
+        if loc in misread_at or var in shaped:
+            continue
+        problems.append(origins.problem(loc, pydantic_message(error, var=var), var=var))
+    return problems
+
+
+def _env_loc(lower: str) -> Loc:
+    return tuple(lower[len(settings.ENV_PREFIX) :].split(settings.NESTED))
+
+
+def _warnings(policy: Policy, origins: Origins) -> tuple[str, ...]:
+    return tuple(
+        str(origins.problem(loc, message, fix=False)) for loc, message in prefix_warnings(policy)
+    )
+
+
+def load_policy(path: Path) -> LoadedPolicy:
+    """Read, validate and resolve the policy at *path*; PolicyError lists every problem."""
+    data = _read(path)
+    doc = _parse(path, data)
+    reading = settings.Reading(document=doc.value)
+    origins = Origins(path, doc, reading)
+    policy: Policy | None = None
+    errors: list[Any] = []
     try:
-        policy = Policy.model_validate(_merged(raw, overrides))
+        policy = settings.build(reading)
     except ValidationError as exc:
-        raise PolicyError(_problems_from(exc, path, lines)) from None
-    resolved = _resolve(policy, path, lines)
+        errors = list(exc.errors(include_url=False))
+    except SettingsError as exc:
+        raise _undecodable(exc, origins) from None
+    problems = _problems(origins, errors)
+    if problems or policy is None:
+        raise PolicyError(problems)
+    resolved = _resolve(policy, origins)
     return LoadedPolicy(
         policy=resolved,
         path=path,
         digest=hashlib.sha256(data).hexdigest(),
+        warnings=_warnings(resolved, origins),
+        ignored_env=tuple(reading.ignored),
     )

@@ -11,29 +11,95 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+)
 
 MAX_DURATION = 10 * 365 * 86400.0  # ten years: anything longer is a typo
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*$")
+# systemd.time(7) time spans, case-sensitive as there; months and years as systemd counts them.
+# Its bare "M" (months) is refused: to many people it means minutes.
+SPAN_UNITS: dict[str, float] = {
+    **dict.fromkeys(("us", "usec", "\N{MICRO SIGN}s", "\N{GREEK SMALL LETTER MU}s"), 1e-6),
+    **dict.fromkeys(("ms", "msec"), 0.001),
+    **dict.fromkeys(("s", "sec", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86400.0),
+    **dict.fromkeys(("w", "week", "weeks"), 604800.0),
+    **dict.fromkeys(("month", "months"), 30.44 * 86400.0),
+    **dict.fromkeys(("y", "year", "years"), 365.25 * 86400.0),
+}
+_NUMBER = r"\d+(?:\.\d+)?"
+_SPAN_PART = re.compile(rf"({_NUMBER})\s*([^\d\s.]*)\s*")
+DURATION_EXAMPLES = "'90s', '10m', '1h 30min' or '7d'"
 DEFAULT_IGNORE = ("*.part", "*.tmp", "*.download", "*.lock")
 
 
+def _span_pattern() -> str:
+    """A regular expression (JSON Schema dialect) for the duration strings parse_duration takes."""
+    units = "|".join(sorted(map(re.escape, SPAN_UNITS), key=len, reverse=True))
+    return rf"^\s*(?:{_NUMBER}|(?:{_NUMBER}\s*(?:{units})\s*)+)\s*$"
+
+
+DURATION_PATTERN = _span_pattern()
+
+
+def _parse_span(text: str) -> float:
+    """'10m', '1h 30min', '2 d', '500ms' or plain seconds '45' -> seconds (ValueError if not)."""
+    stripped = text.strip()
+    if re.fullmatch(_NUMBER, stripped):
+        return float(stripped)
+    expected = f"expected a duration like {DURATION_EXAMPLES}, got {text!r}"
+    total, pos = 0.0, 0
+    while pos < len(stripped):
+        match = _SPAN_PART.match(stripped, pos)
+        if match is None:
+            raise ValueError(expected)
+        number, unit = match.groups()
+        if unit == "M":
+            raise ValueError(
+                f"{expected}: 'M' means months in systemd but minutes to many; "
+                "write 'min' or 'months'"
+            )
+        if unit not in SPAN_UNITS:
+            raise ValueError(expected)
+        total += float(number) * SPAN_UNITS[unit]
+        pos = match.end()
+    if pos == 0:
+        raise ValueError(expected)
+    return total
+
+
 def parse_duration(value: Any) -> float:
-    """'90s', '10m', '2h', '7d', '200ms' or plain seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration like '10m' or '2h', got {value!r}")
+    """A systemd time span ('90s', '10min', '1h 30min', '2 d', '500ms'), or plain seconds.
+
+    Case-sensitive as systemd is; a number without a unit (alone) is seconds.
+    """
+    if isinstance(value, bool) or value is None:
+        shown = "nothing" if value is None else str(value).lower()
+        raise ValueError(f"expected a duration like {DURATION_EXAMPLES}, got {shown}")
     if isinstance(value, int | float):
         seconds = float(value)
     elif isinstance(value, str):
-        match = _DURATION.match(value)
-        if match is None:
-            raise ValueError(f"expected a duration like '90s', '10m', '2h' or '7d', got {value!r}")
-        seconds = float(match.group(1)) * _UNITS[match.group(2) or "s"]
+        seconds = _parse_span(value)
     else:
-        raise ValueError(f"expected a duration like '10m' or '2h', got {type(value).__name__}")
+        kind = (
+            "a list"
+            if isinstance(value, list)
+            else "a mapping"
+            if isinstance(value, dict)
+            else "a value of another kind"
+        )
+        raise ValueError(f"expected a duration like {DURATION_EXAMPLES}, got {kind}")
     if seconds != seconds:  # NaN
-        raise ValueError(f"expected a duration like '10m' or '2h', got {value!r}")
+        raise ValueError(f"expected a duration like {DURATION_EXAMPLES}, got {value!r}")
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     if seconds > MAX_DURATION:
@@ -70,7 +136,17 @@ def check_positive(seconds: float) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+# Editors see what the file may hold (a time span or seconds), not the float it becomes.
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "pattern": DURATION_PATTERN},
+        {"type": "number", "minimum": 0},
+    ],
+    "examples": ["90s", "10min", "1h 30min", "7d"],
+}
+Duration = Annotated[
+    float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA, mode="validation")
+]
 PositiveDuration = Annotated[Duration, AfterValidator(check_positive)]  # a wait that must pass
 
 
@@ -156,6 +232,23 @@ class Required(_Strict):
         return value
 
 
+def plain_name(value: Any) -> Any:
+    """`- en_ocr_v1.bin` means `- name: en_ocr_v1.bin`; a mapping is validated as it is."""
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, dict | Required):
+        return value
+    raise ValueError(
+        "expected a model name (- en_ocr_v1.bin) or its keys (- name: en_ocr_v1.bin, "
+        "with sha256: and source: if wanted)"
+    )
+
+
+RequiredEntry = Annotated[
+    Required, BeforeValidator(plain_name, json_schema_input_type=str | Required)
+]
+
+
 class Prune(_Strict):
     """Which stale models go, and how carefully."""
 
@@ -180,12 +273,16 @@ class Prune(_Strict):
 
 
 class Quarantine(_Strict):
+    """How long pruned models stay restorable in model_dir/.ocrd-trash/."""
+
     retention: Duration = Field(
         default=7 * 86400.0, description="Quarantined entries older than this are purged."
     )
 
 
 class EngineSettings(_Strict):
+    """The OCR engine ocrd releases before it deletes anything."""
+
     backend: Literal["auto", "aspose", "none"] = Field(
         default="auto", description="auto: aspose where installed, else none."
     )
@@ -198,6 +295,8 @@ class EngineSettings(_Strict):
 
 
 class Reconcile(_Strict):
+    """When the daemon runs a cycle."""
+
     debounce: PositiveDuration = Field(
         default=2.0, description="Settle time after the last file event."
     )
@@ -205,6 +304,8 @@ class Reconcile(_Strict):
 
 
 class Log(_Strict):
+    """Log lines: format and lowest level."""
+
     format: Literal["json", "console"] = Field(default="json", description="json | console.")
     level: Literal["debug", "info", "warning", "error"] = Field(
         default="info", description="Lowest level written."
@@ -225,13 +326,15 @@ class Policy(_Strict):
         description="Hash cache and engine home; default $STATE_DIRECTORY, "
         "$XDG_STATE_HOME/ocrd or ~/.local/state/ocrd.",
     )
-    required: list[Required] = Field(
-        default_factory=list, description="Models that must be present; never pruned."
+    required: list[RequiredEntry] = Field(
+        default_factory=list,
+        description="Models that must be present; never pruned. A plain name or "
+        "name/sha256/source keys.",
     )
     whitelist: list[Glob] = Field(
         default_factory=list, description="Globs on entry names that are never touched."
     )
-    prune: Prune = Field(default_factory=Prune)
+    prune: Prune = Field(default_factory=Prune, description="Which stale models go, and how.")
     unmanaged: Literal["report", "prune"] = Field(
         default="report", description="What to do with entries that match nothing."
     )
@@ -240,10 +343,16 @@ class Policy(_Strict):
         default_factory=lambda: list(DEFAULT_IGNORE),
         description="Globs never touched nor listed (dot-entries always are).",
     )
-    quarantine: Quarantine = Field(default_factory=Quarantine)
-    engine: EngineSettings = Field(default_factory=EngineSettings)
-    reconcile: Reconcile = Field(default_factory=Reconcile)
-    log: Log = Field(default_factory=Log)
+    quarantine: Quarantine = Field(
+        default_factory=Quarantine, description="How long pruned models stay restorable."
+    )
+    engine: EngineSettings = Field(
+        default_factory=EngineSettings, description="The OCR engine released before deletes."
+    )
+    reconcile: Reconcile = Field(
+        default_factory=Reconcile, description="When the daemon runs a cycle."
+    )
+    log: Log = Field(default_factory=Log, description="Log format and level.")
 
     @field_validator("model_dir", "state_dir", mode="before")
     @classmethod
@@ -276,6 +385,49 @@ def cross_check(policy: Policy) -> list[tuple[Loc, str]]:
                         "checked; remove one of them",
                     )
                 )
+    return found
+
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of a policy file (what the YAML may hold), for editors: `ocrd schema`.
+
+    Generated from the models above, with their descriptions and defaults; durations are
+    strings or seconds, required entries plain names or mappings, as the file may write them.
+    """
+    schema = Policy.model_json_schema(mode="validation")
+    schema.pop("title", None)
+    schema.pop("description", None)
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "title": "ocrd policy",
+        "description": "The desired state of one model directory, for ocrd (`ocrd check`).",
+        **schema,
+    }
+
+
+GLOB_CHARS = "*?["
+
+
+def prefix_warnings(policy: Policy) -> list[tuple[Loc, str]]:
+    """Prefixes that look like globs: they match only names that start with them literally."""
+    found: list[tuple[Loc, str]] = []
+    for i, prefix in enumerate(policy.prune.prefixes):
+        chars = "".join(c for c in GLOB_CHARS if c in prefix)
+        if not chars:
+            continue
+        plain = prefix.split("*")[0].split("?")[0].split("[")[0]
+        hint = f"Write the plain start ({plain!r}) " if plain else "Write a plain start "
+        found.append(
+            (
+                ("prune", "prefixes", i),
+                f"{prefix!r} contains the glob character(s) {chars!r}, but prefixes are plain "
+                f"starts of names, not globs: it matches only names that begin with {prefix!r} "
+                f"itself. {hint}here; globs belong in whitelist (never touched) and ignore",
+            )
+        )
     return found
 
 

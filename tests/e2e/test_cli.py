@@ -164,7 +164,7 @@ def test_check_invalid_policy_prints_one_line_per_problem(run_ocrd, root):
     }
     assert len(r.err.splitlines()) == 4
     assert "'ten minutes'" in r.err
-    assert "valid keys here are:" in r.err  # the unknown key says what would be valid
+    assert "Valid keys here are:" in r.err  # the unknown key says what would be valid
 
 
 def test_check_missing_model_dir_is_a_problem(run_ocrd, tmp_path):

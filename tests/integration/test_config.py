@@ -430,12 +430,70 @@ def test_invalid_environment_value_names_the_variable(
 def test_misspelt_environment_variable_is_rejected(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An OCRD_* variable that names no policy key is an error naming it, not silently ignored."""
+    """A variable that names a section and then no key of it is an error with the nearest name."""
     path = policy_file(tmp_path, "model_dir: models\n")
     monkeypatch.setenv("OCRD_PRUNE__MIN_AGEE", "5m")
     with pytest.raises(PolicyError, match=r"OCRD_PRUNE__MIN_AGEE") as exc:
         load_policy(path)
     assert exc.value.exit_code == 2
+    problem = problem_at(exc.value, "prune.min_agee")
+    assert problem.file == f"{path} (environment OCRD_PRUNE__MIN_AGEE)"
+    assert "did you mean OCRD_PRUNE__MIN_AGE?" in problem.message
+
+
+def test_variables_that_name_no_policy_key_are_ignored_and_listed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OCR-D's OCRD_* variables (and any whose first segment names no key) are left alone."""
+    path = policy_file(tmp_path, "model_dir: models\n")
+    for name in ("OCRD_METS_CACHING", "OCRD_PROFILE", "OCRD_MAX_PARALLEL_PAGES", "OCRD_BIN"):
+        monkeypatch.setenv(name, "1")
+    monkeypatch.setenv("OCRD_CONFIG", str(path))
+    loaded = load_policy(path)
+    assert loaded.ignored_env == (
+        "OCRD_BIN",
+        "OCRD_MAX_PARALLEL_PAGES",
+        "OCRD_METS_CACHING",
+        "OCRD_PROFILE",
+    )  # OCRD_CONFIG is ocrd's own: not listed
+
+
+@pytest.mark.parametrize(
+    ("var", "key", "pattern"),
+    [
+        (
+            "OCRD_MODEL_DIR__X",
+            "model_dir.x",
+            r"holds one value, not keys; did you mean OCRD_MODEL_DIR\?",
+        ),
+        ("OCRD_PRUNE__MIN_AGE__X", "prune.min_age.x", r"did you mean OCRD_PRUNE__MIN_AGE\?"),
+        (
+            "OCRD_WHITELIST__0",
+            "whitelist.0",
+            r"is a list; set it whole, as JSON, in OCRD_WHITELIST",
+        ),
+    ],
+)
+def test_a_variable_below_a_single_value_or_a_list_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, var: str, key: str, pattern: str
+) -> None:
+    """Keys below a value or a list cannot be set one by one; the message names the variable."""
+    path = policy_file(tmp_path, "model_dir: models\n")
+    monkeypatch.setenv(var, "1")
+    with pytest.raises(PolicyError) as exc:
+        load_policy(path)
+    problem = problem_at(exc.value, key)
+    assert problem.file == f"{path} (environment {var})"
+    assert re.search(pattern, problem.message), problem
+
+
+def test_an_environment_value_replaces_a_misread_file_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A base-60 `10:00` in the file is no error when OCRD_PRUNE__MIN_AGE replaces it."""
+    path = policy_file(tmp_path, "model_dir: models\nprune:\n  min_age: 10:00\n")
+    monkeypatch.setenv("OCRD_PRUNE__MIN_AGE", "5min")
+    assert load_policy(path).policy.prune.min_age == 300.0
 
 
 # --- reading the file -----------------------------------------------------------
@@ -513,28 +571,28 @@ INVALID: list[tuple[str, str | bytes, int, str, str]] = [
         "model_dir: models\nprnue:\n  prefixes: [old_]\n",
         2,
         "prnue",
-        r"unknown key; valid keys here are: model_dir, .*prune",
+        r"unknown key; did you mean 'prune'\? Valid keys here are: model_dir, .*prune",
     ),
     (
         "unknown-nested",
         "model_dir: models\nprune:\n  prefixes: [old_]\n  min_ag: 10m\n",
         4,
         "prune.min_ag",
-        r"unknown key; valid keys here are: .*min_age",
+        r"unknown key; did you mean 'min_age'\? Valid keys here are: .*min_age",
     ),
     (
         "unknown-in-list",
         "model_dir: models\nrequired:\n  - name: a.bin\n    sha: x\n",
         4,
         "required[0].sha",
-        r"unknown key; valid keys here are: name, sha256, source",
+        r"unknown key\. Valid keys here are: name, sha256, source",
     ),
     (
         "unknown-log",
         "model_dir: models\nlog:\n  levl: debug\n",
         3,
         "log.levl",
-        r"unknown key; valid keys here are: format, level",
+        r"unknown key; did you mean 'level'\? Valid keys here are: format, level",
     ),
     (
         "prefix-empty",
@@ -713,7 +771,7 @@ INVALID: list[tuple[str, str | bytes, int, str, str]] = [
         "",
         r"not UTF-8",
     ),
-    ("yaml-syntax", "model_dir: models\nwhitelist: [a, b\n", 3, "", r"invalid YAML"),
+    ("yaml-syntax", "model_dir: models\nwhitelist: [a, b\n", 2, "", r"invalid YAML: a list opened"),
     ("yaml-int-key", "model_dir: models\n10: x\n", 2, "", r"key 10 must be a word"),
 ]
 

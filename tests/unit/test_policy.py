@@ -22,6 +22,7 @@ from ocrd.core.policy import (
     format_duration,
     human_age,
     parse_duration,
+    prefix_warnings,
 )
 
 SHA = "3f5a" * 16  # 64 lowercase hex digits
@@ -67,6 +68,18 @@ def assert_error(data: dict[str, Any], loc: tuple[str | int, ...], pattern: str)
         (2.5, 2.5),
         (0, 0.0),
         ("3650d", MAX_DURATION),
+        # systemd time spans (systemd.time(7)), as operators of a systemd service type them
+        ("10min", 600.0),
+        ("1h 30min", 5400.0),
+        ("1h30m", 5400.0),
+        ("2 d", 172800.0),
+        ("500ms", 0.5),
+        ("500 msec", 0.5),
+        ("3 hours", 10800.0),
+        ("1 week 2 days", 777600.0),
+        ("90 sec", 90.0),
+        ("1 month", 30.44 * 86400),
+        ("1y", 365.25 * 86400),
         (MAX_DURATION, MAX_DURATION),
     ],
 )
@@ -81,8 +94,10 @@ def test_parse_duration_accepts_units_and_plain_seconds(text: Any, seconds: floa
     ("value", "pattern"),
     [
         ("ten minutes", r"expected a duration like .*'10m'.*got 'ten minutes'"),
-        ("10M", r"expected a duration like"),
-        ("10 min", r"expected a duration like"),
+        ("10M", r"expected a duration like.*'M' means months in systemd"),
+        ("10 Min", r"expected a duration like"),
+        ("1h 30", r"expected a duration like"),
+        ("10mins", r"expected a duration like"),
         ("-5s", r"expected a duration like"),
         ("1e3", r"expected a duration like"),
         ("", r"expected a duration like"),
@@ -90,10 +105,10 @@ def test_parse_duration_accepts_units_and_plain_seconds(text: Any, seconds: floa
         ("inf", r"expected a duration like"),
         (-1, r"cannot be negative, got -1"),
         (-0.5, r"cannot be negative"),
-        (True, r"expected a duration like '10m' or '2h', got True"),
-        (False, r"expected a duration like '10m' or '2h', got False"),
-        (None, r"expected a duration like '10m' or '2h', got NoneType"),
-        ([10], r"expected a duration like '10m' or '2h', got list"),
+        (True, r"expected a duration like '90s', '10m', '1h 30min' or '7d', got true"),
+        (False, r"expected a duration like '90s', '10m', '1h 30min' or '7d', got false"),
+        (None, r"expected a duration like .*, got nothing"),
+        ([10], r"expected a duration like .*, got a list"),
         (math.inf, r"longer than ten years"),
         ("3651d", r"longer than ten years"),
         ("522w", r"longer than ten years"),
@@ -628,3 +643,41 @@ def test_conflicts_are_not_errors() -> None:
     policy = make(required=[{"name": "old_en.bin"}], prune={"prefixes": ["old_"]})
     assert conflicts(policy)
     assert cross_check(policy) == []
+
+
+def test_required_entries_may_be_plain_names() -> None:
+    """`required: [en_ocr_v1.bin]` means the same as `- name: en_ocr_v1.bin`."""
+    policy = make(required=["en_ocr_v1.bin", {"name": "b.gguf", "sha256": SHA}])
+    assert [(r.name, r.sha256) for r in policy.required] == [
+        ("en_ocr_v1.bin", None),
+        ("b.gguf", SHA),
+    ]
+
+
+def test_a_required_entry_that_is_neither_name_nor_mapping_says_what_it_may_be() -> None:
+    """A number as a required entry is an error naming both accepted forms, no class name."""
+    assert_error({"required": [42]}, ("required", 0), r"a model name .* or its keys")
+    messages = " ".join(e["msg"] for e in errors_of({"model_dir": "/m", "required": [42]}))
+    assert "Required" not in messages
+
+
+def test_a_plain_required_name_is_checked_like_a_name_key() -> None:
+    """A plain name with '/' fails at required[0].name as the mapping form would."""
+    assert_error({"required": ["a/b.bin"]}, ("required", 0, "name"), r"'/'")
+
+
+@pytest.mark.parametrize(("prefix", "chars"), [("old_*", "*"), ("v?_", "?"), ("[ab]_", "[")])
+def test_a_prefix_with_glob_characters_is_a_warning_pointing_at_whitelist(
+    prefix: str, chars: str
+) -> None:
+    """A prefix with `*?[` is valid but warned about: prefixes are plain starts, not globs."""
+    found = prefix_warnings(make(prune={"prefixes": ["old_", prefix]}))
+    assert [loc for loc, _ in found] == [("prune", "prefixes", 1)]
+    assert f"glob character(s) {chars!r}" in found[0][1]
+    assert "plain starts of names, not globs" in found[0][1]
+    assert "whitelist" in found[0][1]
+
+
+def test_plain_prefixes_give_no_warning() -> None:
+    """Plain prefixes are what prefixes are for: no warning."""
+    assert prefix_warnings(make(prune={"prefixes": ["old_", "tmp-", "2024_"]})) == []

@@ -220,7 +220,7 @@ def test_quoted_keys_that_look_like_numbers_are_words() -> None:
 @pytest.mark.parametrize(
     ("data", "line"),
     [
-        (b"a: [1, 2\n", 2),
+        (b"a: [1, 2\n", 1),  # the line the list was opened on
         (b"a: 1\n\tb: 2\n", 2),
         (b"a: 1\n---\nb: 2\n", 2),
     ],
@@ -252,3 +252,54 @@ def test_yaml_error_is_a_value_error() -> None:
     assert isinstance(error, ValueError)
     assert error.line is None
     assert YamlError("boom", 7).line == 7
+
+
+@pytest.mark.parametrize(
+    ("text", "reading"),
+    [
+        ("2024_", "the number 2024"),
+        ("0755", "the number 493"),
+        ("10:00", "the base-60 number 600"),
+        ("no", "the boolean false"),
+        ("On", "the boolean true"),
+        ("2024-01-01", "the date 2024-01-01"),
+        ("~", "null (no value)"),
+        ("1.5", "the number 1.5"),
+    ],
+)
+def test_unquoted_values_yaml_did_not_read_as_text_keep_their_text(text: str, reading: str) -> None:
+    """A plain scalar that became no string is recorded with its text, line and reading."""
+    doc = yamlsafe.read(f"a: x\nb: [ok, {text}]\n".encode())
+    scalar = doc.scalars[("b", 1)]
+    assert (scalar.text, scalar.line, scalar.reading()) == (text, 2, reading)
+    assert ("b", 0) not in doc.scalars  # a string is what the policy expects: not recorded
+
+
+def test_quoted_values_are_text_and_not_recorded() -> None:
+    """A quoted "10:00" is the string it says."""
+    doc = yamlsafe.read(b"a: \"10:00\"\nb: 'no'\n")
+    assert doc.value == {"a": "10:00", "b": "no"}
+    assert doc.scalars == {}
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "sentence"),
+    [
+        (b"prune:\n  prefixes: [old_]\n    min_age: 10m\n", 3, "this key is indented differently"),
+        (b"a:\n  - x\n - y\n", 3, "this list item is indented differently"),
+        (b"a: b: c\n", 1, "a value that contains ': ' needs quotes"),
+        (b"a: 'x\n", 1, "a quoted value that starts on this line is never closed"),
+        (b"a: {b: 1\n", 1, "a mapping opened with '{' on this line is not closed"),
+        (b"a: 1\nb\n  c: 2\n", 2, "this key has no ':' after it"),
+        (b"a: @x\n", 1, "put the value in quotes"),
+    ],
+)
+def test_syntax_errors_are_plain_sentences_with_a_line(
+    data: bytes, line: int, sentence: str
+) -> None:
+    """PyYAML's parser messages become one plain sentence naming the line that matters."""
+    error = rejected(data)
+    assert error.line == line
+    assert str(error).startswith("invalid YAML: ")
+    assert sentence in str(error)
+    assert "<" not in str(error)  # none of PyYAML's <block end> tokens
