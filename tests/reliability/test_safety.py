@@ -757,6 +757,88 @@ def test_a_symlinked_trash_is_never_followed(
     untouched()
 
 
+def _outside_link(path: Path, outside: Path) -> None:
+    path.symlink_to(outside)
+
+
+def _outside_file_link(path: Path, outside: Path) -> None:
+    path.symlink_to(outside / "precious.bin")
+
+
+def _fifo_at(path: Path, outside: Path) -> None:
+    os.mkfifo(path)
+
+
+def _plain_file(path: Path, outside: Path) -> None:
+    path.write_bytes(b"not a directory")
+
+
+@pytest.mark.parametrize(
+    ("name", "make"),
+    [
+        (".ocrd-tmp-0123", _outside_link),
+        (".ocrd-tmp-0123", _outside_file_link),
+        (".ocrd-tmp-0123", _fifo_at),
+        (".ocrd-deleting-0123", _fifo_at),
+        (".ocrd-trash", _fifo_at),
+        (".ocrd-trash", _plain_file),
+        (".ocrd-trash", _outside_file_link),
+    ],
+    ids=[
+        "tmp-dir-link",
+        "tmp-file-link",
+        "tmp-fifo",
+        "deleting-fifo",
+        "trash-fifo",
+        "trash-file",
+        "trash-file-link",
+    ],
+)
+def test_an_own_name_in_a_shape_ocrd_never_makes_is_suspicious_and_left_alone(
+    run_ocrd: Callable[..., Result],
+    models: Path,
+    policy: Path,
+    tmp_path: Path,
+    name: str,
+    make: Callable[[Path, Path], None],
+) -> None:
+    """Each of ocrd's own names as a link out, a FIFO or a plain file where ocrd makes
+    something else: `apply` holds the cycle back (model_dir.suspicious naming it), prunes
+    nothing, never blocks, and leaves the entry and whatever it points at as they were."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"precious")
+    make(models / name, outside)
+    before = os.lstat(models / name)
+    make_model(models, "old_a", age=3600)
+    delete_policy(policy, models)
+    done = run_ocrd("--config", policy, "apply", timeout=20)
+    logs = done.logs()
+    (suspicious,) = [e for e in logs if e["event"] == "model_dir.suspicious"]
+    assert name in suspicious["reason"] and "never makes" in suspicious["reason"], suspicious
+    assert done.code == 1 and (models / "old_a").exists(), done
+    after = os.lstat(models / name)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert (outside / "precious.bin").read_bytes() == b"precious"
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.bin"]
+
+
+def test_a_deleting_leftover_that_is_a_link_is_removed_as_a_link_only(
+    run_ocrd: Callable[..., Result], models: Path, policy: Path, tmp_path: Path
+) -> None:
+    """A `.ocrd-deleting-*` link is what a crash leaves of a pruned symlink model: recovery
+    removes the link itself; the directory it points at keeps every file."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.bin").write_bytes(b"precious")
+    (models / ".ocrd-deleting-0123").symlink_to(outside)
+    delete_policy(policy, models)
+    done = run_ocrd("--config", policy, "apply")
+    assert done.code == 0, done
+    assert not os.path.lexists(models / ".ocrd-deleting-0123")
+    assert (outside / "precious.bin").read_bytes() == b"precious"
+
+
 @pytest.mark.parametrize("which", ["record", "hash-cache", "status"])
 def test_a_fifo_in_place_of_an_own_state_file_never_blocks(
     run_ocrd: Callable[..., Result],
