@@ -26,6 +26,7 @@ from ocrd.act.listing import ocrd_models, open_and_compare
 from ocrd.act.restore import restore
 from ocrd.act.trash import Purger, QuarantineBatch, quarantine, record_item
 from ocrd.act.twophase import Expect, Moved, TwoPhase
+from ocrd.core.errors import Interrupted
 from ocrd.core.model import (
     Action,
     ActionKind,
@@ -258,18 +259,22 @@ def _run_actions(
         for i, a in enumerate(actions)
         if a.kind is ActionKind.PRUNE and not _is_delete(a) and i not in held
     ]
-    for i, action in enumerate(actions):
-        if _is_delete(action) or _stopping(log, result, action, stop):
-            continue
-        if i in held:
-            _busy(log, result, action, held[i])
-            continue
-        if action.kind is ActionKind.PRUNE:
-            step = functools.partial(acting.quarantine, action)
-        else:
-            step = functools.partial(acting.restore, action, clock())
-        if _attempt(log, result, action, step):
-            result.done.append(action)
+    try:
+        for i, action in enumerate(actions):
+            if _is_delete(action) or _stopping(log, result, action, stop):
+                continue
+            if i in held:
+                _busy(log, result, action, held[i])
+                continue
+            if action.kind is ActionKind.PRUNE:
+                step = functools.partial(acting.quarantine, action)
+            else:
+                step = functools.partial(acting.restore, action, clock())
+            if _attempt(log, result, action, step):
+                result.done.append(action)
+    except Interrupted:
+        acting.two.abandon()  # stopping mid-copy: the deletes go back under their names
+        raise
     for settled in acting.two.settle(lambda moved: held.get(moved.number, [])):
         action = actions[settled.moved.number]
         if settled.holders:

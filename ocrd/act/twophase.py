@@ -164,6 +164,13 @@ class TwoPhase:
                 return moved.hidden
         return None
 
+    def abandon(self) -> None:
+        """Put every moved target back (the cycle is stopping before phase 3): nothing
+        is deleted that was not decided on; what cannot go back stays for recovery."""
+        for moved in self.moved:
+            self.put_back(moved)
+        self.moved = []
+
     def settle(self, who: Callable[[Moved], list[Holder]]) -> list[Settled]:
         """Phase 3: each moved target removed, or (held) put back; in the order moved.
 

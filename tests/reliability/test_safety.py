@@ -27,6 +27,7 @@ from tests.support.logs import epoch
 from tests.support.notify import NotifySocket
 from tests.support.policy import policy_data, read_status, save_policy, write_policy
 from tests.support.procs import RENAMES, in_syscall
+from tests.support.wait import wait_for
 
 ROOT = os.geteuid() == 0
 MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
@@ -914,8 +915,37 @@ def test_a_multi_gb_pinned_model_keeps_the_watchdog_fed_and_is_hashed_once(
             # The SIGTERM came after both hashes (a fast machine): nothing left to prove
             # about the restart but that neither is hashed again.
             assert len(daemon.seen("model.hashed")) == 2, daemon
-    again = daemons.start(policy)
+    again = daemons.start(policy, first_cycle=False)
+    again.wait_cycles(1, timeout=120)  # it may still have a 2 GiB hash to do
     rehashed = [e["model"] for e in again.seen("model.hashed")]
     assert hashed_first not in rehashed, f"{hashed_first} was hashed again: {rehashed}"
     assert [e["model"] for e in again.seen("model.corrupt")] == [], again
     again.stop()
+
+
+def test_a_sigterm_during_a_restore_copy_stops_at_once_and_deletes_nothing_undecided(
+    daemons: Daemons, models: Path, policy: Path, tmp_path: Path
+) -> None:
+    """A restore copying a 2 GiB source while a delete's target is already out of its
+    name: a SIGTERM stops the daemon within a second or two, the copy's temp file is
+    removed, and the delete's target goes back under its name (nothing is deleted that
+    the cycle had not finished deciding on)."""
+    source = tmp_path / "src.bin"
+    with open(source, "wb") as fh:
+        fh.truncate(SPARSE)
+    make_model(models, "old_a", b"stale", age=7200)
+    required = [{"name": "big.bin", "source": str(source)}]
+    save_policy(policy, policy_data(models, prune={"action": "delete"}, required=required))
+    daemon = daemons.start(policy, first_cycle=False)
+
+    def copying() -> bool:
+        names = os.listdir(models)
+        return any(n.startswith(".ocrd-tmp-") for n in names) and "old_a" not in names
+
+    wait_for(copying, timeout=60, what="a restore copying while old_a is out of its name")
+    code, took = daemon.stop()
+    assert code == 0 and took < 3, (code, took, daemon)
+    assert daemon.seen("cycle.interrupted"), daemon
+    assert (models / "old_a").read_bytes() == b"stale"
+    left = sorted(n for n in os.listdir(models) if n != ".ocrd-lock")
+    assert left == ["old_a"], left
