@@ -9,7 +9,7 @@ from __future__ import annotations
 
 OWN_PREFIX = ".ocrd-"  # every name ocrd itself makes in the model dir
 TMP_PREFIX = OWN_PREFIX + "tmp-"  # a restore being copied in; rolled back after a crash
-DELETING_PREFIX = OWN_PREFIX + "deleting-"  # a directory on its way out; finished after a crash
+DELETING_PREFIX = OWN_PREFIX + "deleting-"  # a delete target out of its name (two-phase)
 TRASH = OWN_PREFIX + "trash"  # the quarantine: one batch directory per cycle
 LOCK = OWN_PREFIX + "lock"  # one ocrd per model dir
 # One quarantine directory per cycle, `.ocrd-trash/<batch id>/`, holds the models
