@@ -267,14 +267,13 @@ def trash() -> None:
 def trash_list(obj: _Context, as_json: bool) -> None:
     """Quarantined models, oldest first."""
     from ocrd.core import render
-    from ocrd.observe.trash import read_trash, trash_unreadable
+    from ocrd.observe.trash import look_at_trash
 
     policy = obj.load().policy
     _require_dir(policy.model_dir)
-    unreadable = trash_unreadable(str(policy.model_dir))
+    items, unreadable = look_at_trash(str(policy.model_dir))
     if unreadable:
         click.echo(f"ocrd: warning: {policy.model_dir}/{unreadable}", err=True)
-    items = read_trash(str(policy.model_dir))
     now = time.time()
     if as_json:
         click.echo(json.dumps(render.trash_json(str(policy.model_dir), items, now=now), indent=2))

@@ -26,7 +26,6 @@ from ocrd.act.listing import ocrd_models, open_and_compare
 from ocrd.act.restore import restore
 from ocrd.act.trash import Purger, QuarantineBatch, quarantine, record_item
 from ocrd.act.twophase import Expect, Moved, TwoPhase
-from ocrd.core.errors import Interrupted
 from ocrd.core.model import (
     Action,
     ActionKind,
@@ -180,7 +179,7 @@ class _Acting:
             self.two.close()
             self.purger.close()
             self.sync.flush()
-        except OSError as exc:
+        except (OSError, ActionError) as exc:
             self.log.error("trash.cleanup_failed", error=str(exc))
         finally:
             os.close(self.fd)
@@ -272,8 +271,10 @@ def _run_actions(
                 step = functools.partial(acting.restore, action, clock())
             if _attempt(log, result, action, step):
                 result.done.append(action)
-    except Interrupted:
-        acting.two.abandon()  # stopping mid-copy: the deletes go back under their names
+    except BaseException:
+        # Stopping mid-copy (SIGTERM, Ctrl-C) or failing: the deletes go back under
+        # their names; nothing is deleted the cycle had not finished deciding on.
+        acting.two.abandon()
         raise
     for settled in acting.two.settle(lambda moved: held.get(moved.number, [])):
         action = actions[settled.moved.number]

@@ -18,7 +18,9 @@ from ocrd.observe.trash import read_batch, trash_problem
 from ocrd.openfile import DIR_FLAGS
 
 
-def _held(root: str, dir_fd: int, names: list[str]) -> dict[str, str]:
+def _held(
+    root: str, dir_fd: int, names: list[str]
+) -> tuple[dict[str, str], dict[str, tuple[int, int]]]:
     """Why a leftover must stay for now: a process holds it, it cannot be looked into,
     or it is not what ocrd leaves behind.
 
@@ -27,10 +29,12 @@ def _held(root: str, dir_fd: int, names: list[str]) -> dict[str, str]:
     inspected is not removed). A `.ocrd-tmp-*` is a restore's copy, a file;
     a `.ocrd-deleting-*` is a model on its way out (a file, a directory or a
     link, never followed); anything else under those names, or on another
-    mount, is not ocrd's and is left alone.
+    mount, is not ocrd's and is left alone. Also returns the (device, inode)
+    inspected under each name: only that may be removed.
     """
     members: dict[str, tuple[set[tuple[int, int]], set[str]]] = {}
     why: dict[str, str] = {}
+    tops: dict[str, tuple[int, int]] = {}
     device = os.fstat(dir_fd).st_dev
     for name in names:
         try:
@@ -40,6 +44,7 @@ def _held(root: str, dir_fd: int, names: list[str]) -> dict[str, str]:
         except OSError as exc:
             why[name] = f"cannot be inspected ({exc.strerror or exc}); left as it is"
             continue
+        tops[name] = (st.st_dev, st.st_ino)
         problem = own_leftover_problem(name, kind_of(st.st_mode), st.st_dev, device)
         if problem is not None:
             why[name] = f"{problem}; left as it is"
@@ -56,7 +61,7 @@ def _held(root: str, dir_fd: int, names: list[str]) -> dict[str, str]:
         holders = index.who(keys, paths)
         if holders:
             why[name] = f"held by {holders_text(holders)}; removed once nobody holds it"
-    return why
+    return why, tops
 
 
 def recover(
@@ -83,13 +88,15 @@ def _recover(root: str, fd: int, log: Log, names: Iterable[str] | None) -> list[
             names = [c.name for c in it]
     prefixes = (TMP_PREFIX, DELETING_PREFIX)
     leftovers = sorted(n for n in names if n.startswith(prefixes))
-    held = _held(root, fd, leftovers) if leftovers else {}
+    held, tops = _held(root, fd, leftovers) if leftovers else ({}, {})
     for name in leftovers:
         if name in held:
             log.warning("recovery.kept", path=name, reason=held[name])
             continue
+        if name not in tops:
+            continue  # vanished before it was looked at
         try:
-            remove_whole(fd, name)
+            remove_whole(fd, name, expect=tops[name])
         except FileNotFoundError:
             continue
         except OSError as exc:

@@ -47,8 +47,12 @@ def open_trash(root_fd: int, *, create: bool) -> int:
         with contextlib.suppress(FileExistsError):
             os.mkdir(TRASH, 0o700, dir_fd=root_fd)
         fd = open_trash(root_fd, create=False)
-        give_to_owner_of(fd, os.fstat(root_fd))
-        os.fsync(root_fd)
+        try:
+            give_to_owner_of(fd, os.fstat(root_fd))
+            os.fsync(root_fd)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd
     except OSError as exc:
         if exc.errno in (errno.ENOTDIR, errno.ELOOP):
@@ -178,12 +182,13 @@ def drop_if_empty(root: str, batch_id: str, *, dir_fd: int | None = None) -> boo
                 return False
             hidden = hidden_name(DELETING_PREFIX)
             os.rename(batch_id, hidden, src_dir_fd=trash, dst_dir_fd=fd)
+            st = os.stat(hidden, dir_fd=fd, follow_symlinks=False)
             if read_batch(os.path.join(root, hidden), parent_fd=fd).payloads:
                 rename_noreplace(hidden, batch_id, src_dir_fd=fd, dst_dir_fd=trash)
                 return False
         finally:
             os.close(trash)
-        remove_whole(fd, hidden)
+        remove_whole(fd, hidden, expect=(st.st_dev, st.st_ino))
         return True
     finally:
         if dir_fd is None:
@@ -231,7 +236,7 @@ class Purger:
         for batch_id in sorted(self.emptied):
             try:
                 drop_if_empty(self.two.root, batch_id, dir_fd=self.two.root_fd)
-            except OSError as exc:
+            except (OSError, ActionError) as exc:
                 self.log.error("trash.cleanup_failed", error=str(exc))
         self.emptied.clear()
 
@@ -258,7 +263,9 @@ def restore_from_trash(
         finally:
             os.close(batch)
         os.fsync(fd)
-        drop_if_empty(root, batch_id, dir_fd=fd)
+        # The model is back: a batch that cannot be dropped now is dropped by recovery.
+        with contextlib.suppress(OSError, ActionError):
+            drop_if_empty(root, batch_id, dir_fd=fd)
     finally:
         if dir_fd is None:
             os.close(fd)

@@ -90,6 +90,8 @@ class _Walk:
     def empty_current(self) -> None:
         """Unlink every non-directory in the current directory; note its subdirectories."""
         level = self.levels[-1]
+        if not self.remove and not os.access(".", os.W_OK, dir_fd=self.fd, effective_ids=True):
+            self.keep(None, "this user may not remove what is in it (no write permission)")
         try:
             entries = list(os.scandir(self.fd))
         except OSError as exc:
@@ -174,9 +176,15 @@ class _Walk:
         return True
 
 
-def _walk(parent_fd: int, name: str, *, remove: bool) -> Removal:
+def _walk(
+    parent_fd: int, name: str, *, remove: bool, expect: tuple[int, int] | None = None
+) -> Removal:
     removal = Removal()
     st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+    if expect is not None and (st.st_dev, st.st_ino) != expect:
+        # Not what was inspected (its holders checked) under this name any more.
+        removal.keep(name, "replaced since it was checked; left alone")
+        return removal
     if not stat.S_ISDIR(st.st_mode):
         if remove:
             try:
@@ -218,13 +226,15 @@ def _walk(parent_fd: int, name: str, *, remove: bool) -> Removal:
     return removal
 
 
-def remove_at(parent_fd: int, name: str) -> Removal:
+def remove_at(parent_fd: int, name: str, *, expect: tuple[int, int] | None = None) -> Removal:
     """Remove *name* in the directory *parent_fd* and all below it; see the module docstring.
 
-    A file, link or other non-directory is unlinked. Returns what was left
-    (empty when *name* is gone); raises only for *name* itself not existing.
+    A file, link or other non-directory is unlinked. *expect*: the (device,
+    inode) that was inspected under *name*; anything else there is left alone.
+    Returns what was left (empty when *name* is gone); raises only for *name*
+    itself not existing.
     """
-    return _walk(parent_fd, name, remove=True)
+    return _walk(parent_fd, name, remove=True, expect=expect)
 
 
 def mounts_at(parent_fd: int, name: str) -> Removal:
@@ -237,9 +247,9 @@ class Leftover(OSError):
     """A tree that could not be removed whole: what stays, and why."""
 
 
-def remove_whole(parent_fd: int, name: str) -> None:
+def remove_whole(parent_fd: int, name: str, *, expect: tuple[int, int] | None = None) -> None:
     """remove_at(), raising Leftover naming what stays."""
-    removal = remove_at(parent_fd, name)
+    removal = remove_at(parent_fd, name, expect=expect)
     if not removal.complete:
         raise Leftover(f"could not remove all of {name}: {removal.summary()}")
 

@@ -54,6 +54,7 @@ class Moved:
     name: str  # its name there
     hidden: str  # its name in the model dir now
     is_dir: bool
+    ident: tuple[int, int] = (0, 0)  # (device, inode) of what moved: only that is removed
     keys: frozenset[tuple[int, int]] = frozenset()  # every (device, inode) in it
     paths: frozenset[str] = frozenset()  # and every path, for the mapping check
 
@@ -118,7 +119,9 @@ class TwoPhase:
         hidden = hidden_name(DELETING_PREFIX)
         os.rename(name, hidden, src_dir_fd=back_fd, dst_dir_fd=self.root_fd)
         st = os.stat(hidden, dir_fd=self.root_fd, follow_symlinks=False)
-        moved = Moved(number, back_fd, name, hidden, stat.S_ISDIR(st.st_mode))
+        moved = Moved(
+            number, back_fd, name, hidden, stat.S_ISDIR(st.st_mode), (st.st_dev, st.st_ino)
+        )
         if not _matches(st, expect):
             where = self.put_back(moved)
             raise Changed(
@@ -193,7 +196,6 @@ class TwoPhase:
 
     def remove(self, moved: Moved) -> None:
         """Phase 3 for a target nobody holds: gone for good (raises Leftover/OSError)."""
-        if moved.is_dir:
-            remove_whole(self.root_fd, moved.hidden)
-        else:
-            os.unlink(moved.hidden, dir_fd=self.root_fd)
+        # What is under the hidden name must still be what moved (and was looked up in
+        # the handle index): anything put there since is left alone.
+        remove_whole(self.root_fd, moved.hidden, expect=moved.ident)

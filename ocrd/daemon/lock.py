@@ -84,6 +84,10 @@ class DirLock:
             if not stat.S_ISREG(st.st_mode):
                 what = describe_mode(st.st_mode)
                 raise self._refuse(f"is {what}, not ocrd's lock file", "remove it")
+            if st.st_nlink != 1:
+                # A hard link to a file elsewhere: writing the pid would overwrite it.
+                why = f"has {st.st_nlink} names (a hard link to another file)"
+                raise self._refuse(why, "remove it (ocrd makes its own)")
             # A file mounted over the name (bind mount) is another mount than the dir's.
             # (Not st_dev: on overlayfs a file and its directory report different ones.)
             dir_mount = _dir_mount(self.path.parent)

@@ -26,7 +26,7 @@ from ocrd.core.names import OWN_PREFIX as OWN
 from ocrd.core.plan import may_act_on
 from ocrd.core.policy import Policy
 from ocrd.observe.hashing import HashCache, Progress, sha256_file
-from ocrd.observe.trash import read_trash, trash_unreadable
+from ocrd.observe.trash import look_at_trash
 from ocrd.observe.walk import Incomplete, below
 from ocrd.openfile import NotRegularError
 
@@ -246,8 +246,7 @@ def scan(
                     entries.append(entry)
                 except FileNotFoundError:
                     continue  # removed while we looked
-        trash = read_trash(root, dir_fd=fd)
-        unreadable = trash_unreadable(root, dir_fd=fd)
+        trash, unreadable = look_at_trash(root, dir_fd=fd)
         if unreadable is not None:
             unseen.append(unreadable)
     except PermissionError:

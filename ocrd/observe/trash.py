@@ -136,7 +136,7 @@ def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
         except FileNotFoundError:
             return None
         except PermissionError:
-            return None  # a real directory, or not: this user cannot tell (trash_unreadable)
+            return None  # a real directory, or not: this user cannot tell (look_at_trash)
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 return f"{TRASH} cannot be inspected ({exc.strerror})"
@@ -161,35 +161,69 @@ def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
             os.close(fd)
 
 
-def trash_unreadable(root: str, *, dir_fd: int | None = None) -> str | None:
-    """Why the quarantine cannot be read by this user, with the fix (None: it can, or
-    there is none); what read_trash then leaves out, in words for a warning."""
-    fd = _root_fd(root, dir_fd)
+def look_at_trash(
+    root: str, *, dir_fd: int | None = None
+) -> tuple[tuple[TrashItem, ...], str | None]:
+    """The quarantined models (see read_trash), and what this user could not see of the
+    quarantine, with the fix, in words for a warning (None: nothing hidden)."""
     try:
-        problem = trash_problem(root, dir_fd=fd)
-        if problem is not None:
-            return f"{problem}; quarantined models are not shown"
-        try:
-            trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            owner = _owner_of(fd)
-            who = "root" if owner == "root" else f"{owner} (its owner) or root"
-            return (
-                f"{TRASH} cannot be read ({exc.strerror}); quarantined models are not "
-                f"shown: run as {who} to see them"
-            )
-        try:
-            os.listdir(trash)
-        except OSError as exc:
-            return f"{TRASH} cannot be listed ({exc.strerror}); quarantined models are not shown"
-        finally:
-            os.close(trash)
-        return None
+        fd = _root_fd(root, dir_fd)
+    except OSError as exc:
+        return (), f"the model dir cannot be opened ({exc.strerror})"
+    try:
+        return _look(root, fd)
     finally:
         if dir_fd is None:
             os.close(fd)
+
+
+def _look(root: str, fd: int) -> tuple[tuple[TrashItem, ...], str | None]:
+    problem = trash_problem(root, dir_fd=fd)
+    if problem is not None:
+        return (), f"{problem}; quarantined models are not shown"
+    try:
+        trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
+    except FileNotFoundError:
+        return (), None
+    except OSError as exc:
+        owner = _owner_of(fd)
+        who = "root" if owner == "root" else f"{owner} (its owner) or root"
+        return (), (
+            f"{TRASH} cannot be read ({exc.strerror}); quarantined models are not "
+            f"shown: run as {who} to see them"
+        )
+    items: list[TrashItem] = []
+    hidden: list[str] = []  # batches (or their records) this user cannot read
+    try:
+        try:
+            listing = list(os.scandir(trash))
+        except OSError as exc:
+            why = f"{TRASH} cannot be listed ({exc.strerror})"
+            return (), f"{why}; quarantined models are not shown"
+        base = os.path.join(root, TRASH)
+        for child in listing:
+            if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
+                continue
+            try:
+                batch = read_batch(os.path.join(base, child.name), parent_fd=trash)
+            except OSError:
+                hidden.append(child.name)
+                continue
+            if batch.items is not None:
+                items.extend(t for name, t in batch.items.items() if name in batch.payloads)
+            elif batch.payloads:
+                hidden.append(child.name)  # models without a readable record
+    finally:
+        os.close(trash)
+    note = None
+    if hidden:
+        shown = ", ".join(sorted(hidden)[:3]) + (", …" if len(hidden) > 3 else "")
+        note = (
+            f"{len(hidden)} quarantine batch(es) in {TRASH} cannot be read, or hold models "
+            f"without a readable record ({shown}); their models are not shown: run as "
+            "their owner or root to see them"
+        )
+    return tuple(sorted(items, key=_by_time_id)), note
 
 
 def _owner_of(dir_fd: int) -> str:
@@ -205,36 +239,4 @@ def read_trash(root: str, *, dir_fd: int | None = None) -> tuple[TrashItem, ...]
     Nothing when `.ocrd-trash` is not a real directory on the model dir's mount
     (see trash_problem); every level is opened without following a link.
     """
-    items: list[TrashItem] = []
-    try:
-        fd = _root_fd(root, dir_fd)
-    except OSError:
-        return ()
-    try:
-        if trash_problem(root, dir_fd=fd) is not None:
-            return ()
-        try:
-            trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
-        except OSError:
-            return ()  # gone, or another user's trash: read-only commands go on without it
-        try:
-            listing = list(os.scandir(trash))
-        except OSError:
-            listing = []
-        base = os.path.join(root, TRASH)
-        try:
-            for child in listing:
-                if child.name.startswith(".") or not child.is_dir(follow_symlinks=False):
-                    continue
-                try:
-                    batch = read_batch(os.path.join(base, child.name), parent_fd=trash)
-                except OSError:
-                    continue
-                if batch.items is not None:
-                    items.extend(t for name, t in batch.items.items() if name in batch.payloads)
-        finally:
-            os.close(trash)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
-    return tuple(sorted(items, key=_by_time_id))
+    return look_at_trash(root, dir_fd=dir_fd)[0]

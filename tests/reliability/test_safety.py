@@ -949,3 +949,113 @@ def test_a_sigterm_during_a_restore_copy_stops_at_once_and_deletes_nothing_undec
     assert (models / "old_a").read_bytes() == b"stale"
     left = sorted(n for n in os.listdir(models) if n != ".ocrd-lock")
     assert left == ["old_a"], left
+
+
+@needs_strace
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+def test_what_is_put_under_a_hidden_name_after_the_handle_check_is_left_alone(
+    models: Path, policy: Path, env: dict[str, str]
+) -> None:
+    """Two delete targets out of their names; strace holds `ocrd apply` at the unlink of the
+    first, and meanwhile the second's hidden `.ocrd-deleting-*` name is given to another
+    file (one a process holds open). ocrd removes only the entry it moved out and looked
+    up in the handle index, so that file survives and the second target is reported.
+    (The last instant, between that check and the unlink itself, is the kernel's: an
+    unlink is by name.)"""
+    make_model(models, "old_a", b"stale a", age=9000)
+    make_model(models, "old_b", b"stale b", age=7200)
+    for name in ("keep1.bin", "keep2.bin"):
+        make_model(models, name)
+    make_model(models, "held.bin", b"precious")
+    second = os.lstat(models / "old_b").st_ino
+    delete_policy(policy, models)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; f = open(sys.argv[1]); sys.stdin.read()",
+         str(models / "held.bin")],
+        stdin=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+
+        def swap() -> None:
+            hidden = [p for p in models.iterdir() if p.name.startswith(".ocrd-deleting-")]
+            (target,) = [p for p in hidden if p.lstat().st_ino == second]
+            os.rename(target, models / ".aside")
+            os.rename(models / "held.bin", target)
+            swapped.append(target)
+
+        swapped: list[Path] = []
+        logs, err = _held_apply(policy, env, "unlinkat", UNLINKS, swap)
+        assert swapped[0].read_bytes() == b"precious", (logs, err)
+        failed = _events(logs, "action.failed")
+        assert [e["model"] for e in failed] == ["old_b"], (logs, err)
+        assert "replaced since it was checked" in str(failed[0]["error"]), failed
+        assert [e["model"] for e in _events(logs, "model.pruned")] == ["old_a"], logs
+    finally:
+        holder.kill()
+        holder.wait()
+        assert holder.stdin is not None
+        holder.stdin.close()
+
+
+def test_a_lock_that_is_a_hard_link_to_another_file_is_refused(
+    run_ocrd: Callable[..., Result], models: Path, policy: Path, tmp_path: Path
+) -> None:
+    """`.ocrd-lock` made a hard link to a file outside: ocrd would truncate it to write its
+    pid; it refuses in one line instead, and the file keeps its bytes."""
+    outside = tmp_path / "important.txt"
+    outside.write_text("IMPORTANT DATA\n")
+    os.link(outside, models / ".ocrd-lock")
+    delete_policy(policy, models)
+    done = run_ocrd("--config", policy, "apply")
+    assert done.code == 1 and "hard link" in done.err and done.err.count("\n") == 1, done
+    assert outside.read_text() == "IMPORTANT DATA\n"
+
+
+def test_a_directory_model_the_user_cannot_remove_whole_is_left_whole(
+    shared_dir: Path, env: dict[str, str], test_user: str
+) -> None:
+    """A directory model with a root-owned subdirectory (readable, not writable for the
+    service user): the user's delete would have to leave part of it behind, so it is
+    left whole under its name, saying why."""
+    entry = pwd.getpwnam(test_user)
+    models = shared_dir / "models"
+    (models / "old_d" / "rootsub").mkdir(parents=True)
+    (models / "old_d" / "f1").write_bytes(b"one")
+    (models / "old_d" / "rootsub" / "r").write_bytes(b"root's")
+    for path in (models, models / "old_d", models / "old_d" / "f1"):
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+    old = time.time() - 7200
+    for path in (models / "old_d" / "rootsub" / "r", models / "old_d" / "rootsub"):
+        os.utime(path, (old, old))
+    for path in (models / "old_d" / "f1", models / "old_d"):
+        os.utime(path, (old, old))
+    policy = write_policy(shared_dir / "policy.yaml", delete_policy_data(models))
+    policy.chmod(0o644)
+    user_env = {**env, "XDG_STATE_HOME": str(shared_dir / "xdg")}
+    applied = as_user(test_user, user_env, "--config", str(policy), "apply")
+    assert "internal error" not in applied.stderr, applied
+    assert "no write permission" in applied.stdout, applied.stdout
+    assert (models / "old_d" / "f1").read_bytes() == b"one"
+    assert (models / "old_d" / "rootsub" / "r").read_bytes() == b"root's"
+
+
+def test_trash_list_says_which_batches_it_cannot_read(
+    run_ocrd: Callable[..., Result],
+    shared_dir: Path,
+    env: dict[str, str],
+    test_user: str,
+) -> None:
+    """A readable `.ocrd-trash` whose batch (mode 0700, root's) the user cannot read:
+    `trash list` warns that its models are not shown instead of calling it empty."""
+    models = shared_dir / "models"
+    models.mkdir()
+    make_model(models, "old_a")
+    make_model(models, "keep.bin")
+    policy = write_policy(shared_dir / "policy.yaml", policy_data(models))
+    policy.chmod(0o644)
+    assert run_ocrd("--config", policy, "apply").code == 0
+    (models / ".ocrd-trash").chmod(0o755)
+    user_env = {**env, "XDG_STATE_HOME": str(shared_dir / "xdg")}
+    listed = as_user(test_user, user_env, "--config", str(policy), "trash", "list")
+    assert "1 quarantine batch(es)" in listed.stderr and "not shown" in listed.stderr, listed
+    assert "internal error" not in listed.stderr, listed
