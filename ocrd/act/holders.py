@@ -12,8 +12,17 @@ from ocrd.observe.scan import tree_members
 IndexFn = Callable[[set[int]], HandleIndex]
 
 
+def holder_text(holder: Holder) -> str:
+    """`pid 12 (ocr, fd)`; a lease: `lease, pid 12 (ocr)` or `lease, another namespace`."""
+    if holder.how != "lease":
+        return f"pid {holder.pid} ({holder.name}, {holder.how})"
+    if holder.pid <= 0:
+        return f"lease, {holder.name}"
+    return f"lease, pid {holder.pid} ({holder.name})"
+
+
 def holders_text(holders: Iterable[Holder]) -> str:
-    return ", ".join(f"pid {h.pid} ({h.name}, {h.how})" for h in holders)
+    return ", ".join(holder_text(h) for h in holders)
 
 
 def find_holders(

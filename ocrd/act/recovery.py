@@ -9,6 +9,7 @@ from ocrd.act.fs import Log
 from ocrd.act.holders import holders_text
 from ocrd.act.trash import drop_if_empty
 from ocrd.act.tree import remove_whole
+from ocrd.act.twophase import exclusive
 from ocrd.core.names import DELETING_PREFIX, TMP_PREFIX, TRASH
 from ocrd.core.own import own_leftover_problem
 from ocrd.log import LISTED
@@ -96,12 +97,25 @@ def _recover(root: str, fd: int, log: Log, names: Iterable[str] | None) -> list[
         if name not in tops:
             continue  # vanished before it was looked at
         try:
+            lock_fd = exclusive(fd, name, tops[name])
+        except FileNotFoundError:
+            continue
+        except BlockingIOError:  # a lease taken since the handle check
+            log.warning("recovery.kept", path=name, reason="leased; removed once nobody holds it")
+            continue
+        except OSError as exc:
+            log.error("recovery.failed", path=name, error=f"cannot check it for a lease ({exc})")
+            continue
+        try:
             remove_whole(fd, name, expect=tops[name])
         except FileNotFoundError:
             continue
         except OSError as exc:
             log.error("recovery.failed", path=name, error=str(exc))
             continue
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
         what = "rolled back" if name.startswith(TMP_PREFIX) else "finished deleting"
         log.info("recovery.removed", path=name, what=what)
         cleaned.append(name)

@@ -13,7 +13,10 @@ two-phase (DESIGN §4):
    rename, over what moved out (each `Moved`'s keys and paths).
 3. **finish**: what nobody holds is removed; a held one goes back under its
    name (never over an entry that appeared there meanwhile) and is reported
-   busy. One that cannot go back (a newer entry took its name) is kept in the
+   busy. The last step before each removal is an exclusive `flock`
+   (`LOCK_EX|LOCK_NB`) on what moved, held until it is gone: a lease (a shared
+   flock, ocrd.lease) taken at any instant before it fails, and the target goes
+   back as busy. One that cannot go back (a newer entry took its name) is kept in the
    quarantine under its name (the caller's *keep*), never deleted.
 
 A crash between the phases leaves only hidden names, which recovery finishes
@@ -22,6 +25,7 @@ A crash between the phases leaves only hidden names, which recovery finishes
 
 from __future__ import annotations
 
+import fcntl
 import os
 import stat
 from collections.abc import Callable
@@ -30,7 +34,7 @@ from dataclasses import dataclass
 from ocrd.act.fs import Changed, hidden_name, rename_noreplace
 from ocrd.act.tree import Leftover, refuse_mounts_at, remove_whole
 from ocrd.core.names import DELETING_PREFIX, TRASH
-from ocrd.observe.handles import Holder
+from ocrd.observe.handles import HandleIndex, Holder, add_leases
 from ocrd.observe.scan import tree_members
 from ocrd.openfile import DIR_FLAGS
 
@@ -79,6 +83,39 @@ def _matches(st: os.stat_result, expect: Expect) -> bool:
     if expect.mtime_ns is not None and st.st_mtime_ns != expect.mtime_ns:
         return False
     return not (expect.size is not None and stat.S_ISREG(st.st_mode) and st.st_size != expect.size)
+
+
+def exclusive(dir_fd: int, name: str, ident: tuple[int, int]) -> int | None:
+    """A descriptor of *name* holding `LOCK_EX|LOCK_NB`, so no lease can be taken until it
+    is closed; None for what cannot be leased (a link) or is not *ident* (which the
+    removal then leaves alone).
+
+    Raises BlockingIOError when a lease holds it, OSError when it cannot be checked.
+    """
+    st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return None  # a symlink is removed as a link; a lease on its target is not on it
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    if stat.S_ISDIR(st.st_mode):
+        flags |= os.O_DIRECTORY
+    fd = os.open(name, flags, dir_fd=dir_fd)
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != ident:
+            os.close(fd)
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lease_holders(ident: tuple[int, int]) -> list[Holder]:
+    """Who holds a lease on *ident* now, from /proc/locks (never empty: the check failed)."""
+    index = HandleIndex()
+    add_leases(index, {ident[0]})
+    return index.who({ident}) or [Holder(0, "taken just now", "lease")]
 
 
 class TwoPhase:
@@ -186,11 +223,28 @@ class TwoPhase:
                 settled.append(Settled(moved, holders, kept=self.put_back(moved)))
                 continue
             try:
+                lock_fd = exclusive(self.root_fd, moved.hidden, moved.ident)
+            except BlockingIOError:  # a lease taken after the index was built: it wins
+                holders = lease_holders(moved.ident)
+                settled.append(Settled(moved, holders, kept=self.put_back(moved)))
+                continue
+            except OSError as exc:  # cannot tell whether it is leased: not deleted
+                where = self.put_back(moved)
+                back = "put back" if where is None else f"kept as {where}"
+                text = exc.strerror or str(exc)
+                settled.append(
+                    Settled(moved, [], error=f"cannot check it for a lease ({text}); {back}")
+                )
+                continue
+            try:
                 self.remove(moved)
             except OSError as exc:  # what stays is under its hidden name: recovery retries
                 settled.append(Settled(moved, [], error=f"{exc} (kept as {moved.hidden})"))
             else:
                 settled.append(Settled(moved, []))
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)  # only now that it is gone
         self.moved = []
         return settled
 

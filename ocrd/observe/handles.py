@@ -3,7 +3,8 @@
 Reads /proc/PID/fd (stat of each descriptor's magic link) and /proc/PID/maps
 (device and inode columns) of every process this user may inspect. Seeing
 another user's descriptors needs the same uid or CAP_SYS_PTRACE; processes we
-cannot inspect are counted so the gap is visible.
+cannot inspect are counted so the gap is visible. Leases (shared flocks, see
+ocrd.lease) come from /proc/locks, which needs no privilege at all.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from ocrd.observe.locks import lease_name, read_locks
+
 PROC = "/proc"
 
 
@@ -19,7 +22,7 @@ PROC = "/proc"
 class Holder:
     pid: int
     name: str
-    how: str  # "fd" | "mmap"
+    how: str  # "fd" | "mmap" | "lease" (pid 0: a lease from another PID namespace)
 
 
 @dataclass(slots=True)
@@ -114,6 +117,7 @@ def build_index(
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError:
         return index
+    add_leases(index, devices, proc=proc)
     for pid_text in pids:
         pid_dir = os.path.join(proc, pid_text)
         index.total += 1
@@ -135,6 +139,19 @@ def build_index(
         for path in mapped_paths:
             index.add_path(path, Holder(pid, name, "mmap"))
     return index
+
+
+OTHER_NAMESPACE = "another namespace"
+
+
+def add_leases(index: HandleIndex, devices: set[int] | None, *, proc: str = PROC) -> None:
+    """Every lock on *devices* as a lease holder of its (device, inode)."""
+    for lock in read_locks(os.path.join(proc, "locks")):
+        if devices is not None and lock.device not in devices:
+            continue
+        name = lease_name(lock.pid, proc=proc)
+        pid = lock.pid if name is not None else 0
+        index.add((lock.device, lock.inode), Holder(pid, name or OTHER_NAMESPACE, "lease"))
 
 
 def visibility(*, proc: str = PROC) -> tuple[int, int]:

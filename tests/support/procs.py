@@ -132,3 +132,15 @@ def in_syscall(proc: subprocess.Popen[str], numbers: set[int]) -> bool:
         if first.isdigit() and int(first) in numbers:
             return True
     return False
+
+
+# A child holding a lease (ocrd.lease) on every path of its argv until its stdin closes.
+HOLD_LEASE = """
+import contextlib, sys
+from ocrd.lease import lease
+with contextlib.ExitStack() as stack:
+    for p in sys.argv[1:]:
+        stack.enter_context(lease(p))
+    print("ready", flush=True)
+    sys.stdin.read()
+"""
