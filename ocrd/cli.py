@@ -423,6 +423,60 @@ def status(obj: _Context, as_json: bool) -> None:
     sys.exit(EXIT_PROBLEMS if doc.get("degraded") else EXIT_OK)
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("model_path", type=click.Path(path_type=Path))
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def lease(model_path: Path, command: tuple[str, ...]) -> None:
+    """Run COMMAND holding a lease on MODEL_PATH: ocrd never deletes it meanwhile.
+
+    `ocrd lease MODEL_PATH -- COMMAND ARGS`. The shared lock is taken, then ocrd
+    becomes COMMAND (same pid), which keeps it until it ends however it ends; its
+    exit code is the exit code. Needs read access to the model only.
+    """
+    from ocrd.lease import acquire
+
+    if command[:1] == ("--",):
+        command = command[1:]
+    if not command:
+        raise click.UsageError("no command: ocrd lease MODEL_PATH -- COMMAND ARGS")
+    try:
+        fd = acquire(model_path)
+    except OSError as exc:
+        click.echo(f"ocrd: error: cannot lease {model_path}: {exc.strerror or exc}", err=True)
+        sys.exit(EXIT_PROBLEMS)
+    os.set_inheritable(fd, True)  # the lock lives in the command's descriptor table
+    try:
+        os.execvp(command[0], list(command))  # noqa: S606 -- like flock(1): argv as given, no shell
+    except OSError as exc:
+        click.echo(f"ocrd: error: cannot run {command[0]}: {exc.strerror or exc}", err=True)
+        sys.exit(127 if isinstance(exc, FileNotFoundError) else 126)
+
+
+@cli.command()
+@_config_option
+@_json_option
+@click.pass_obj
+@_run
+def leases(obj: _Context, as_json: bool) -> None:
+    """Who holds a lease (or any lock) on which model of the model dir, from /proc/locks."""
+    from ocrd.observe.locks import leases_in
+
+    root = str(obj.load().policy.model_dir)
+    found = leases_in(root)
+    if as_json:
+        doc = {"model_dir": root, "leases": [x.as_dict() for x in found]}
+        click.echo(json.dumps(doc, indent=2))
+        return
+    if not found:
+        click.echo(f"No leases on the models of {root}.")
+        return
+    rows = [("MODEL", "PID", "PROCESS", "MODE")]
+    rows += [(x.model, str(x.pid) if x.pid else "-", x.process, x.mode) for x in found]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + row[3])
+
+
 def _state_dir_even_if_invalid(obj: _Context) -> Path:
     """The policy's state dir; when the policy does not load (an operator is mid-edit,
     the daemon keeps the last good one), its raw `state_dir` or the default."""

@@ -25,7 +25,7 @@ from ocrd.act.holders import IndexFn, find_holders, holders_text
 from ocrd.act.listing import ocrd_models, open_and_compare
 from ocrd.act.restore import restore
 from ocrd.act.trash import Purger, QuarantineBatch, quarantine, record_item
-from ocrd.act.twophase import Expect, Moved, TwoPhase
+from ocrd.act.twophase import Expect, Leased, Moved, TwoPhase, exclusive, lease_holders
 from ocrd.core.model import (
     Action,
     ActionKind,
@@ -146,7 +146,18 @@ class _Acting:
                 # Nothing moved; the rest of the cycle's quarantines fail fast, alike.
                 self.batch_error = f"cannot set up the quarantine dir: {exc}"
                 raise ActionError(self.batch_error) from exc
-        dest = f"{TRASH}/{self.batch.move(self.fd, action.name)}"
+        # The last step before the rename, as for a delete: a lease taken up to now wins;
+        # one taken after finds the name gone (ocrd.lease checks the path it locked).
+        ident = (entry.device, entry.inode)
+        try:
+            lock_fd = exclusive(self.fd, action.name, ident)
+        except BlockingIOError:
+            raise Leased(lease_holders(ident)) from None
+        try:
+            dest = f"{TRASH}/{self.batch.move(self.fd, action.name)}"
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
         self.log.info(
             "model.pruned",
             model=action.name,
@@ -210,6 +221,8 @@ def _attempt(log: Log, result: _Result, action: Action, step: Callable[[], None]
     """Run one step of *action*; a change or a failure is logged and noted, never raised."""
     try:
         step()
+    except Leased as exc:
+        _busy(log, result, action, exc.holders)
     except Changed as exc:
         log.warning("model.changed", model=action.name, action=action.kind.value, reason=str(exc))
         result.skipped.append((action, str(exc)))

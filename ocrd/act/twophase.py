@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ocrd.act.fs import Changed, hidden_name, rename_noreplace
 from ocrd.act.tree import Leftover, refuse_mounts_at, remove_whole
 from ocrd.core.names import DELETING_PREFIX, TRASH
-from ocrd.observe.handles import HandleIndex, Holder, add_leases
+from ocrd.observe.handles import OTHER_NAMESPACE, HandleIndex, Holder, add_leases
 from ocrd.observe.scan import tree_members
 from ocrd.openfile import DIR_FLAGS
 
@@ -111,11 +111,21 @@ def exclusive(dir_fd: int, name: str, ident: tuple[int, int]) -> int | None:
     return fd
 
 
+class Leased(Exception):
+    """The exclusive check failed: a lease holds the target (the handle index missed it)."""
+
+    def __init__(self, holders: list[Holder]) -> None:
+        super().__init__("held by a lease")
+        self.holders = holders
+
+
 def lease_holders(ident: tuple[int, int]) -> list[Holder]:
-    """Who holds a lease on *ident* now, from /proc/locks (never empty: the check failed)."""
+    """Who holds a lease on *ident* now, from /proc/locks; never empty, as the exclusive
+    check failed: /proc/locks does not list a lock whose owner is outside ocrd's PID
+    namespace (a worker in a parent or sibling container), yet the kernel enforces it."""
     index = HandleIndex()
     add_leases(index, {ident[0]})
-    return index.who({ident}) or [Holder(0, "taken just now", "lease")]
+    return index.who({ident}) or [Holder(0, OTHER_NAMESPACE, "lease")]
 
 
 class TwoPhase:

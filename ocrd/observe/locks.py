@@ -59,6 +59,9 @@ def read_locks(path: str = LOCKS) -> list[Lock]:
         return []
 
 
+EXITED = "exited; a process it started holds the lock on"
+
+
 def lease_name(pid: int, *, proc: str = "/proc") -> str | None:
     """The process name of a lease holder visible here, else None (another namespace)."""
     if pid <= 0:
@@ -67,6 +70,55 @@ def lease_name(pid: int, *, proc: str = "/proc") -> str | None:
         with open(os.path.join(proc, str(pid), "comm"), encoding="utf-8", errors="replace") as fh:
             return fh.read().strip() or "?"
     except FileNotFoundError:
-        return None
+        return EXITED  # the kernel named it in our namespace: the taker is gone, not hidden
     except OSError:
         return "?"
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One lock on a model of the model dir, as `ocrd leases` shows it."""
+
+    model: str
+    pid: int  # 0: another PID namespace
+    process: str
+    mode: str  # shared (a lease) | exclusive
+    kind: str  # FLOCK | POSIX | OFDLCK
+
+    def as_dict(self) -> dict[str, str | int]:
+        return {
+            "model": self.model,
+            "pid": self.pid,
+            "process": self.process,
+            "mode": self.mode,
+            "kind": self.kind,
+        }
+
+
+def leases_in(root: str, *, proc: str = "/proc") -> list[Lease]:
+    """Every lock on a top-level entry of *root* (a file model, or a directory model's
+    directory), by model name then pid. Links are not followed."""
+    models: dict[tuple[int, int], str] = {}
+    with os.scandir(root) as it:
+        for entry in it:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            models[(st.st_dev, st.st_ino)] = entry.name
+    found = []
+    for lock in read_locks(os.path.join(proc, "locks")):
+        model = models.get((lock.device, lock.inode))
+        if model is None:
+            continue
+        name = lease_name(lock.pid, proc=proc)
+        found.append(
+            Lease(
+                model=model,
+                pid=lock.pid if name is not None else 0,
+                process=name or "another namespace",
+                mode="shared" if lock.mode == "READ" else "exclusive",
+                kind=lock.kind,
+            )
+        )
+    return sorted(found, key=lambda x: (x.model, x.pid, x.mode))
