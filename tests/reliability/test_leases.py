@@ -10,7 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,80 @@ def test_ocrd_lease_releases_when_the_command_is_killed(
     assert proc.wait(timeout=10) == -sig
     proc.stdout.close()
     assert f":{ino} " not in Path("/proc/locks").read_text()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_a_lease_taken_at_any_instant_of_a_big_delete_cycle_keeps_its_model(
+    tmp_path: Path, env: dict[str, str], seed: int
+) -> None:
+    """While `ocrd apply` deletes 400 models, leases are taken on random ones at random
+    instants (seeded): each lease that was granted still has its model under its name
+    after the cycle, the very inode it locked."""
+    import random
+
+    from ocrd.lease import acquire
+
+    rng = random.Random(seed)
+    models = tmp_path / "models"
+    models.mkdir()
+    names = [f"old_{i:04d}" for i in range(400)]
+    for name in names:
+        make_model(models, name, b"m" * 512)
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(models, prune={"action": "delete"}))
+    proc = subprocess.Popen(
+        [OCRD, "--config", str(policy), "apply"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    held: dict[str, int] = {}
+    try:
+        while proc.poll() is None:
+            name = rng.choice(names)
+            if name not in held:
+                try:
+                    held[name] = acquire(models / name, timeout=0.5)
+                except FileNotFoundError:
+                    continue  # deleted before the lease: the worker is told, never misled
+            time.sleep(rng.uniform(0, 0.004))
+        proc.wait(timeout=60)
+        assert held, "no lease was granted during the cycle"
+        for name, fd in held.items():
+            st = os.stat(models / name)
+            assert (st.st_dev, st.st_ino) == (os.fstat(fd).st_dev, os.fstat(fd).st_ino), name
+    finally:
+        for fd in held.values():
+            os.close(fd)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_ocrd_leases_lists_who_holds_what(
+    tmp_path: Path, env: dict[str, str], run_ocrd: Callable[..., Result]
+) -> None:
+    """`ocrd leases` lists each leased model with pid and process, as a table and as JSON."""
+    models = tmp_path / "models"
+    models.mkdir()
+    make_model(models, "old_a")
+    make_model(models, "free.bin")
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(models))
+    worker = start([], HOLD_LEASE, models / "old_a")
+    try:
+        table = run_ocrd("--config", policy, "leases")
+        doc = run_ocrd("--config", policy, "leases", "--json")
+    finally:
+        stop(worker)
+    assert table.code == 0, table
+    assert "old_a" in table.out and str(worker.pid) in table.out and "free.bin" not in table.out
+    assert doc.json()["leases"] == [
+        {
+            "model": "old_a",
+            "pid": worker.pid,
+            "process": "python3",
+            "mode": "shared",
+            "kind": "FLOCK",
+        }
+    ]
+    after = run_ocrd("--config", policy, "leases")
+    assert after.code == 0 and "No leases" in after.out
