@@ -15,6 +15,7 @@ import stat
 
 from ocrd.act.fs import ActionError, Changed, check_unchanged, hidden_name, rename_noreplace
 from ocrd.act.trash import quarantine
+from ocrd.act.twophase import Leased, exclusive, lease_holders
 from ocrd.core.model import Action
 from ocrd.core.names import TMP_PREFIX
 from ocrd.observe.hashing import BLOCK, Progress
@@ -97,15 +98,25 @@ def restore(
         os.fsync(dir_fd)
         if action.entry is not None:
             check_unchanged(root, action.entry, dir_fd=dir_fd)
-            old_id = quarantine(
-                root,
-                action.name,
-                reason="corrupt; replaced by restore",
-                size=action.entry.size,
-                sha256=action.entry.sha256,
-                now=now,
-                dir_fd=dir_fd,
-            )
+            # As for a prune: a lease on the corrupt copy, taken up to now, keeps it.
+            ident = (action.entry.device, action.entry.inode)
+            try:
+                lock_fd = exclusive(dir_fd, action.name, ident)
+            except BlockingIOError:
+                raise Leased(lease_holders(ident)) from None
+            try:
+                old_id = quarantine(
+                    root,
+                    action.name,
+                    reason="corrupt; replaced by restore",
+                    size=action.entry.size,
+                    sha256=action.entry.sha256,
+                    now=now,
+                    dir_fd=dir_fd,
+                )
+            finally:
+                if lock_fd is not None:
+                    os.close(lock_fd)
         try:
             # Atomic, and never replaces what appeared meanwhile.
             os.link(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)

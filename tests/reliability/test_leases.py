@@ -322,3 +322,36 @@ def test_ocrd_leases_lists_who_holds_what(
     ]
     after = run_ocrd("--config", policy, "leases")
     assert after.code == 0 and "No leases" in after.out
+
+
+def test_a_leased_corrupt_model_is_not_replaced_by_a_restore_until_released(
+    shared_dir: Path, tmp_path: Path, env: dict[str, str]
+) -> None:
+    """A restore would quarantine a corrupt pinned model; leased (by a worker outside ocrd's
+    PID namespace, so only the exclusive check sees it) it stays, busy, and is replaced
+    once the lease ends."""
+    import hashlib
+
+    if not ROOT or UNSHARE is None:
+        pytest.skip("needs root and unshare")
+    models = models_dir(shared_dir)
+    good = b"good model"
+    source = make_model(tmp_path, "mirror.bin", good)
+    make_model(models, "en.bin", b"corrupt!")
+    required = [
+        {"name": "en.bin", "sha256": hashlib.sha256(good).hexdigest(), "source": str(source)}
+    ]
+    policy = write_policy(tmp_path / "policy.yaml", policy_data(models, required=required))
+    container = [UNSHARE, "--pid", "--fork", "--mount-proc"]
+    worker = start([], HOLD_LEASE, models / "en.bin")
+    try:
+        result = apply(container, policy, env)
+        assert (models / "en.bin").read_bytes() == b"corrupt!", result
+        busy = [e for e in result.logs() if e["event"] == "model.busy"]
+        assert [(e["model"], e["holders"]) for e in busy] == [
+            ("en.bin", "lease, another namespace")
+        ], result
+    finally:
+        stop(worker)
+    result = apply(container, policy, env)
+    assert (models / "en.bin").read_bytes() == good, result
