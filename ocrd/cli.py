@@ -474,7 +474,8 @@ def leases(obj: _Context, as_json: bool) -> None:
     rows += [(x.model, str(x.pid) if x.pid else "-", x.process, x.mode) for x in found]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + row[3])
+        cells = [c.ljust(w) for c, w in zip(row[:3], widths, strict=True)]
+        click.echo("  ".join([*cells, row[3]]))
 
 
 def _state_dir_even_if_invalid(obj: _Context) -> Path:

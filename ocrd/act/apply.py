@@ -210,7 +210,7 @@ def _busy(log: Log, result: _Result, action: Action, holders: list[Holder], **ex
         model=action.name,
         action=action.kind.value,
         holders=text,
-        pids=[h.pid for h in holders],
+        pids=sorted({h.pid for h in holders if h.pid}),  # each process once
         **extra,
     )
     result.busy.append(Report(ReportKind.BUSY, action.name, f"held by {text}"))
