@@ -9,11 +9,13 @@ and only then switch the descriptor back to blocking reads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import pwd
 import stat
+from collections.abc import Iterator
 
 from ocrd.core.errors import OcrdError
 
@@ -187,3 +189,17 @@ def explain_os_error(exc: OSError) -> str:
     else:
         fix = "check the path and its file system"
     return f"{where}{what}; {fix}"
+
+
+@contextlib.contextmanager
+def borrowed_dir(path: str, dir_fd: int | None) -> Iterator[int]:
+    """*dir_fd* when the caller has the directory open (left open), else *path* opened
+    for the block (never through a final link) and closed after it."""
+    if dir_fd is not None:
+        yield dir_fd
+        return
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -192,3 +192,17 @@ def llama_runtime(aspose: None, tmp_path_factory: pytest.TempPathFactory) -> Pat
     if runtime is None:
         pytest.skip(printed.getvalue().strip() or "llama.cpp runtime could not be fetched")
     return runtime
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A directory every user may enter (tmp_path's parents are root's alone)."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="ocrd-shared-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

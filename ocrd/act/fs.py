@@ -17,7 +17,7 @@ from typing import Any
 from ocrd.core.model import Entry, Kind
 from ocrd.observe.scan import kind_of, tree_stats
 from ocrd.observe.walk import Incomplete
-from ocrd.openfile import DIR_FLAGS, give_to_owner_of
+from ocrd.openfile import borrowed_dir, give_to_owner_of
 
 Log = Any  # a structlog bound logger
 
@@ -110,12 +110,8 @@ def check_unchanged(root: str, entry: Entry, *, dir_fd: int | None = None) -> No
     With *dir_fd* (the model dir, open) the entry is looked up relative to it;
     a directory is walked through descriptors (ocrd.observe.walk).
     """
-    fd = os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
-    try:
+    with borrowed_dir(root, dir_fd) as fd:
         _check_unchanged(fd, entry)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
 
 
 def _check_unchanged(dir_fd: int, entry: Entry) -> None:

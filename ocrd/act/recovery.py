@@ -16,7 +16,7 @@ from ocrd.log import LISTED
 from ocrd.observe.handles import build_index
 from ocrd.observe.scan import kind_of, tree_members
 from ocrd.observe.trash import read_batch, trash_problem
-from ocrd.openfile import DIR_FLAGS
+from ocrd.openfile import DIR_FLAGS, borrowed_dir
 
 
 def _held(
@@ -74,12 +74,8 @@ def recover(
     starting with `.ocrd-` are enough). *dir_fd*: the model dir as the cycle
     opened it; everything is done relative to it.
     """
-    fd = os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
-    try:
+    with borrowed_dir(root, dir_fd) as fd:
         return _recover(root, fd, log, names)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
 
 
 def _recover(root: str, fd: int, log: Log, names: Iterable[str] | None) -> list[str]:

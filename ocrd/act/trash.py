@@ -29,7 +29,7 @@ from ocrd.act.twophase import Expect, TwoPhase
 from ocrd.core.model import TrashItem
 from ocrd.core.names import DELETING_PREFIX, RECORD, TRASH
 from ocrd.observe.trash import read_batch
-from ocrd.openfile import DIR_FLAGS, give_to_owner_of, mount_id
+from ocrd.openfile import DIR_FLAGS, borrowed_dir, give_to_owner_of, mount_id
 
 
 def open_trash(root_fd: int, *, create: bool) -> int:
@@ -128,10 +128,6 @@ def record_item(name: str, reason: str, size: int, sha256: str | None) -> dict[s
     return {"name": name, "reason": reason, "size": size, "sha256": sha256}
 
 
-def _model_dir(root: str, dir_fd: int | None) -> int:
-    return os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
-
-
 def quarantine(
     root: str,
     name: str,
@@ -146,17 +142,13 @@ def quarantine(
     """Move root/name into a quarantine batch of its own (recorded as *as_name*, its
     model's name, when it is under a hidden name now); returns its trash id."""
     listed = record_item(as_name or name, reason, size, sha256)
-    fd = _model_dir(root, dir_fd)
-    try:
+    with borrowed_dir(root, dir_fd) as fd:
         batch = QuarantineBatch(root, fd, [listed], now=now)
         try:
             item_id = batch.move(fd, name, as_name=as_name)
         finally:
             batch.close(NOW_SYNC)
         os.fsync(fd)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
     return item_id
 
 
@@ -167,8 +159,7 @@ def drop_if_empty(root: str, batch_id: str, *, dir_fd: int | None = None) -> boo
     name first and is looked at again there; a model that went in meanwhile
     sends it back instead.
     """
-    fd = _model_dir(root, dir_fd)
-    try:
+    with borrowed_dir(root, dir_fd) as fd:
         try:
             trash = open_trash(fd, create=False)
         except FileNotFoundError:
@@ -190,9 +181,6 @@ def drop_if_empty(root: str, batch_id: str, *, dir_fd: int | None = None) -> boo
             os.close(trash)
         remove_whole(fd, hidden, expect=(st.st_dev, st.st_ino))
         return True
-    finally:
-        if dir_fd is None:
-            os.close(fd)
 
 
 class Purger:
@@ -247,8 +235,7 @@ def restore_from_trash(
     """Put a quarantined model back under its name (never over an existing entry)."""
     name = as_name or item.name
     batch_id, inside = item.id.split("/", 1)
-    fd = _model_dir(root, dir_fd)
-    try:
+    with borrowed_dir(root, dir_fd) as fd:
         trash = open_trash(fd, create=False)
         try:
             batch = os.open(batch_id, DIR_FLAGS, dir_fd=trash)
@@ -266,7 +253,4 @@ def restore_from_trash(
         # The model is back: a batch that cannot be dropped now is dropped by recovery.
         with contextlib.suppress(OSError, ActionError):
             drop_if_empty(root, batch_id, dir_fd=fd)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
     return name

@@ -281,15 +281,17 @@ def observe(
     """
     cache = HashCache(policy.state_dir)
 
-    def hashed(name: str, size: int, seconds: float) -> None:
-        log.info("model.hashed", model=name, bytes=size, duration_ms=round(seconds * 1000, 1))
-        error = cache.error
+    def unwritable(error: str | None) -> None:
         if error:
             log.warning(
                 "hashcache.unwritable",
                 error=error,
                 hint="pinned models are re-hashed every cycle until the state dir is writable",
             )
+
+    def hashed(name: str, size: int, seconds: float) -> None:
+        log.info("model.hashed", model=name, bytes=size, duration_ms=round(seconds * 1000, 1))
+        unwritable(cache.error)
 
     snapshot = scan(
         policy.model_dir,
@@ -303,13 +305,7 @@ def observe(
     if cache.unreadable is not None and policy.pins():
         why = f"{cache.unreadable}; pinned models are hashed again"
         snapshot = dataclasses.replace(snapshot, unseen=(*snapshot.unseen, why))
-    error = cache.save()
-    if error:
-        log.warning(
-            "hashcache.unwritable",
-            error=error,
-            hint="pinned models are re-hashed every cycle until the state dir is writable",
-        )
+    unwritable(cache.save())
     return snapshot
 
 

@@ -20,6 +20,7 @@ from ocrd.core.names import LEGACY_RECORD, RECORD, TRASH
 from ocrd.openfile import (
     DIR_FLAGS,
     NotRegularError,
+    borrowed_dir,
     describe_mode,
     mount_id,
     open_regular,
@@ -118,10 +119,6 @@ def _read_record(path: str, batch_id: str, batch_fd: int) -> Mapping[str, TrashI
     return items
 
 
-def _root_fd(root: str, dir_fd: int | None) -> int:
-    return os.open(root, DIR_FLAGS) if dir_fd is None else dir_fd
-
-
 def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
     """Why `root/.ocrd-trash` must not be read or written (None: a real directory, or none).
 
@@ -129,8 +126,7 @@ def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
     purging through it would reach outside the model dir; nor is a directory
     on another mount (a bind mount over it, another filesystem).
     """
-    fd = _root_fd(root, dir_fd)
-    try:
+    with borrowed_dir(root, dir_fd) as fd:
         try:
             trash = os.open(TRASH, DIR_FLAGS, dir_fd=fd)
         except FileNotFoundError:
@@ -156,9 +152,6 @@ def trash_problem(root: str, *, dir_fd: int | None = None) -> str | None:
         finally:
             os.close(trash)
         return None
-    finally:
-        if dir_fd is None:
-            os.close(fd)
 
 
 def look_at_trash(
@@ -167,14 +160,10 @@ def look_at_trash(
     """The quarantined models (see read_trash), and what this user could not see of the
     quarantine, with the fix, in words for a warning (None: nothing hidden)."""
     try:
-        fd = _root_fd(root, dir_fd)
+        with borrowed_dir(root, dir_fd) as fd:
+            return _look(root, fd)
     except OSError as exc:
         return (), f"the model dir cannot be opened ({exc.strerror})"
-    try:
-        return _look(root, fd)
-    finally:
-        if dir_fd is None:
-            os.close(fd)
 
 
 def _look(root: str, fd: int) -> tuple[tuple[TrashItem, ...], str | None]:

@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,10 +20,9 @@ from tests.support.cli import OCRD, Result
 from tests.support.files import make_model
 from tests.support.policy import policy_data, write_policy
 from tests.support.procs import HOLD_FD, HOLD_LEASE
+from tests.support.users import SYSTEM_PYTHON, ensure_test_user
 
 ROOT = os.geteuid() == 0
-TEST_USER = "ocrdtest"
-SYSTEM_PYTHON = "/usr/bin/python3"  # an interpreter every user may run (not one under /root)
 PROJECT = str(Path(__file__).resolve().parents[2])
 SETPRIV, UNSHARE = shutil.which("setpriv"), shutil.which("unshare")
 # Root without a single capability: it cannot look into another user's /proc/PID/fd or maps.
@@ -31,32 +30,11 @@ NO_CAPS = ["--bounding-set=-all", "--inh-caps=-all"]
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may enter (tmp_path's parents are root's alone)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="ocrd-leases-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def test_user() -> pwd.struct_passwd:
     """A system user without a home, for a worker ocrd may not inspect."""
     if not ROOT or SETPRIV is None or not Path(SYSTEM_PYTHON).exists():
         pytest.skip(f"runs as another user: needs root, setpriv and {SYSTEM_PYTHON}")
-    try:
-        return pwd.getpwnam(TEST_USER)
-    except KeyError:
-        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
-        return pwd.getpwnam(TEST_USER)
+    return ensure_test_user()
 
 
 def start(argv: list[str], script: str, *paths: Path) -> subprocess.Popen[str]:

@@ -27,6 +27,7 @@ from tests.support.logs import epoch
 from tests.support.notify import NotifySocket
 from tests.support.policy import policy_data, read_status, save_policy, write_policy
 from tests.support.procs import RENAMES, in_syscall
+from tests.support.users import SYSTEM_PYTHON, TEST_USER, ensure_test_user
 from tests.support.wait import wait_for
 
 ROOT = os.geteuid() == 0
@@ -34,8 +35,6 @@ MOUNT, UMOUNT = shutil.which("mount"), shutil.which("umount")
 needs_mount = pytest.mark.skipif(
     not ROOT or MOUNT is None or UMOUNT is None, reason="bind-mounts a directory: needs root"
 )
-TEST_USER = "ocrdtest"
-SYSTEM_PYTHON = "/usr/bin/python3"  # an interpreter every user may run (not one under /root)
 
 
 def delete_policy_data(models: Path) -> dict[str, object]:
@@ -310,33 +309,13 @@ def test_a_leftover_that_cannot_be_removed_does_not_stop_recovery_or_the_cycle(
 
 
 @pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    """A directory every user may enter (tmp_path's parents are root's alone)."""
-    import tempfile
-
-    path = Path(tempfile.mkdtemp(prefix="ocrd-safety-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def test_user() -> str:
     """A system user without a home, for runs as somebody other than root."""
     if not ROOT:
         pytest.skip("creates a user and runs as it: needs root")
     if not Path(SYSTEM_PYTHON).exists() or shutil.which("setpriv") is None:
         pytest.skip(f"needs {SYSTEM_PYTHON} and setpriv")
-    try:
-        pwd.getpwnam(TEST_USER)
-    except KeyError:
-        useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        subprocess.run(
-            [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", TEST_USER],
-            check=True,
-        )
+    ensure_test_user()
     probe = as_user(TEST_USER, dict(os.environ), "--version")
     if probe.returncode != 0:
         pytest.skip(f"{TEST_USER} cannot run this checkout's ocrd: {probe.stderr.strip()[-200:]}")
