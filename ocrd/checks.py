@@ -11,7 +11,7 @@ from ocrd.core.policy import Policy, conflicts
 from ocrd.engine.auto import make_engine
 from ocrd.engine.base import EngineError
 from ocrd.engine.none import NoEngine
-from ocrd.observe.handles import build_index
+from ocrd.observe.handles import visibility
 
 Finding = tuple[str, str]  # (ok | info | warning | error, text)
 
@@ -128,19 +128,19 @@ def run_checks(loaded: LoadedPolicy) -> list[Finding]:
                 )
             )
     found += _engine_findings(policy)
-    index = build_index(set())
-    if index.inspected < index.total:
+    inspected, total = visibility()
+    if inspected < total:
         found.append(
             (
                 "warning",
-                f"the handle check can inspect {index.inspected} of "
-                f"{index.total} processes; models open in the others are not "
+                f"the handle check can inspect {inspected} of "
+                f"{total} processes; models open in the others are not "
                 "seen. Run ocrd as the OCR workers' user, or grant it "
                 "CAP_SYS_PTRACE.",
             )
         )
     else:
-        found.append(("ok", f"the handle check can inspect all {index.total} processes"))
+        found.append(("ok", f"the handle check can inspect all {total} processes"))
     if policy.suspend:
         found.append(("warning", "suspend: true; nothing will be changed on disk"))
     return found

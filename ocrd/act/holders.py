@@ -9,7 +9,8 @@ from ocrd.core.model import Action, ActionKind, Kind
 from ocrd.observe.handles import HandleIndex, Holder, build_index
 from ocrd.observe.scan import tree_members
 
-IndexFn = Callable[[set[int]], HandleIndex]
+# (keys, paths) -> the index of who holds them; the default is build_index.
+IndexFn = Callable[[set[tuple[int, int]], set[str]], HandleIndex]
 
 
 def holder_text(holder: Holder) -> str:
@@ -60,13 +61,14 @@ def find_holders(
         except OSError:
             # Cannot be looked into whole: not quarantined blind (its re-check fails too).
             continue
-    devices = {dev for keys, _ in groups.values() for dev, _ in keys}
-    if not devices:
+    all_keys = {key for keys, _ in groups.values() for key in keys}
+    all_paths = {path for _, paths in groups.values() for path in paths}
+    if not all_keys:
         handle_index = HandleIndex()
     elif index is None:
-        handle_index = build_index(devices, roots=(root,))
+        handle_index = build_index(all_keys, paths=all_paths, roots=(root,))
     else:
-        handle_index = index(devices)
+        handle_index = index(all_keys, all_paths)
     held = {}
     for i, (keys, paths) in groups.items():
         if any(k in handle_index.holders for k in keys) or any(

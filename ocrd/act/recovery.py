@@ -56,8 +56,9 @@ def _held(
             continue
         except OSError as exc:
             why[name] = f"cannot be inspected ({exc.strerror or exc}); left as it is"
-    devices = {dev for keys, _ in members.values() for dev, _ in keys}
-    index = build_index(devices, roots=(root,))
+    all_keys = {key for keys, _ in members.values() for key in keys}
+    all_paths = {path for _, paths in members.values() for path in paths}
+    index = build_index(all_keys, paths=all_paths, roots=(root,))
     for name, (keys, paths) in members.items():
         holders = index.who(keys, paths)
         if holders:

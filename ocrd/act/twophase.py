@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from ocrd.act.fs import Changed, hidden_name, rename_noreplace
 from ocrd.act.tree import Leftover, refuse_mounts_at, remove_whole
 from ocrd.core.names import DELETING_PREFIX, TRASH
-from ocrd.observe.handles import OTHER_NAMESPACE, HandleIndex, Holder, add_leases
+from ocrd.observe.handles import OTHER_NAMESPACE, HandleIndex, Holder, Targets, add_leases
 from ocrd.observe.scan import tree_members
 from ocrd.openfile import DIR_FLAGS
 
@@ -124,7 +124,7 @@ def lease_holders(ident: tuple[int, int]) -> list[Holder]:
     check failed: /proc/locks does not list a lock whose owner is outside ocrd's PID
     namespace (a worker in a parent or sibling container), yet the kernel enforces it."""
     index = HandleIndex()
-    add_leases(index, {ident[0]})
+    add_leases(index, Targets({ident}))
     return index.who({ident}) or [Holder(0, OTHER_NAMESPACE, "lease")]
 
 

@@ -10,12 +10,14 @@ ocrd.lease) come from /proc/locks, which needs no privilege at all.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 
 from ocrd.observe.locks import lease_name, read_locks
 
 PROC = "/proc"
+DELETED = " (deleted)"  # how the kernel marks a path that was unlinked
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +37,18 @@ class HandleIndex:
     paths: dict[str, list[Holder]] = field(default_factory=dict)
     inspected: int = 0
     total: int = 0
+    _seen: set[tuple[object, int, str]] = field(default_factory=set, repr=False)
 
     def add(self, key: tuple[int, int], holder: Holder) -> None:
-        _add(self.holders.setdefault(key, []), holder)
+        """Record *holder* for *key*, once per (process, way it holds)."""
+        if (key, holder.pid, holder.how) not in self._seen:
+            self._seen.add((key, holder.pid, holder.how))
+            self.holders.setdefault(key, []).append(holder)
 
     def add_path(self, path: str, holder: Holder) -> None:
-        _add(self.paths.setdefault(path, []), holder)
+        if (path, holder.pid, holder.how) not in self._seen:
+            self._seen.add((path, holder.pid, holder.how))
+            self.paths.setdefault(path, []).append(holder)
 
     def who(self, keys: set[tuple[int, int]], paths: Iterable[str] = ()) -> list[Holder]:
         """Holders of any of *keys* or *paths*, each process once."""
@@ -53,9 +61,50 @@ class HandleIndex:
         return sorted(out.values(), key=lambda h: (h.pid, h.how))
 
 
-def _add(found: list[Holder], holder: Holder) -> None:
-    if all(h.pid != holder.pid or h.how != holder.how for h in found):
-        found.append(holder)
+class Targets:
+    """What one index looks for: files by (device, inode), mappings by path.
+
+    Built once per index; each process's maps text is first tested for the
+    targets' inode numbers as bytes (memmem in C), and parsed only on a hit,
+    so a process that holds nothing costs a read and a few searches.
+    """
+
+    FEW = 32  # up to this many distinct inodes, search for each; beyond, one regex pass
+
+    def __init__(
+        self,
+        keys: Collection[tuple[int, int]] | None,
+        paths: Collection[str] | None = None,
+        roots: Iterable[str] = (),
+    ) -> None:
+        self.keys = None if keys is None else frozenset(keys)
+        self.paths = None if paths is None else frozenset(paths)
+        self.roots = tuple(os.path.join(str(r), "") for r in roots)
+        self.root_needles = tuple(b" " + os.fsencode(r) for r in self.roots)
+        inodes = set() if self.keys is None else {ino for _, ino in self.keys}
+        self.inodes = frozenset(b"%d" % ino for ino in inodes)
+        self.needles = tuple(b" %d " % ino for ino in inodes)
+
+    def wants_fd(self, key: tuple[int, int]) -> bool:
+        return self.keys is None or key in self.keys
+
+    def maps_may_hold(self, text: bytes) -> bool:
+        """False when *text* (a maps file) cannot mention a target: no parse needed."""
+        if self.keys is None:
+            return True
+        if any(needle in text for needle in self.root_needles):
+            return True
+        if len(self.needles) <= self.FEW:
+            return any(needle in text for needle in self.needles)
+        return not self.inodes.isdisjoint(_INODES.findall(text))
+
+    def wants_path(self, path: str) -> bool:
+        return path.startswith(self.roots) and (self.paths is None or path in self.paths)
+
+
+# The inode column of every line of a maps file (start-end perms offset dev inode path).
+_INODES = re.compile(rb"^\S+ \S+ \S+ \S+ (\d+)", re.MULTILINE)
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _comm(pid_dir: str) -> str:
@@ -66,72 +115,107 @@ def _comm(pid_dir: str) -> str:
         return "?"
 
 
-def _scan_fds(pid_dir: str, devices: set[int] | None) -> list[tuple[int, int]]:
-    found = []
-    fd_dir = os.path.join(pid_dir, "fd")
-    with os.scandir(fd_dir) as it:
-        for link in it:
+def _read_all(name: str, dir_fd: int) -> bytes:
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 1 << 17):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _scan_fds(pid_fd: int, targets: Targets) -> set[tuple[int, int]]:
+    """The targets this process has open: one fstatat per descriptor, relative to its fd dir."""
+    found = set()
+    fd_dir = os.open("fd", _DIR, dir_fd=pid_fd)
+    try:
+        for name in os.listdir(fd_dir):
             try:
-                st = os.stat(link.path)
+                st = os.stat(name, dir_fd=fd_dir)
             except OSError:
                 continue  # closed meanwhile, or a socket/pipe we cannot stat
-            if devices is None or st.st_dev in devices:
-                found.append((st.st_dev, st.st_ino))
+            key = (st.st_dev, st.st_ino)
+            if targets.wants_fd(key):
+                found.add(key)
+    finally:
+        os.close(fd_dir)
     return found
 
 
-def _scan_maps(
-    pid_dir: str, devices: set[int] | None, roots: tuple[str, ...]
-) -> tuple[list[tuple[int, int]], list[str]]:
-    keys, paths = [], []
-    with open(os.path.join(pid_dir, "maps"), encoding="utf-8", errors="replace") as fh:
-        for line in fh:
-            parts = line.rstrip("\n").split(None, 5)
-            if len(parts) < 5 or parts[4] == "0":
-                continue
-            major, _, minor = parts[3].partition(":")
-            try:
-                dev = os.makedev(int(major, 16), int(minor, 16))
-                ino = int(parts[4])
-            except ValueError:
-                continue
-            if devices is None or dev in devices:
-                keys.append((dev, ino))
-            if roots and len(parts) == 6:
-                path = parts[5].strip()
-                if path.endswith(" (deleted)"):
-                    path = path[: -len(" (deleted)")]
-                if path.startswith(roots):
-                    paths.append(path)
+def _scan_maps(text: bytes, targets: Targets) -> tuple[set[tuple[int, int]], set[str]]:
+    """The targets this maps text maps, by (device, inode) and by path under the roots."""
+    keys: set[tuple[int, int]] = set()
+    paths: set[str] = set()
+    for raw in text.splitlines():
+        parts = raw.split(None, 5)
+        if len(parts) < 5 or parts[4] == b"0":
+            continue
+        if targets.keys is not None and parts[4] not in targets.inodes and not targets.roots:
+            continue
+        major, _, minor = parts[3].partition(b":")
+        try:
+            key = (os.makedev(int(major, 16), int(minor, 16)), int(parts[4]))
+        except ValueError:
+            continue
+        if targets.wants_fd(key):
+            keys.add(key)
+        if targets.roots and len(parts) == 6:
+            path = os.fsdecode(parts[5].strip())
+            if path.endswith(DELETED):
+                path = path[: -len(DELETED)]
+            if targets.wants_path(path):
+                paths.add(path)
     return keys, paths
 
 
 def build_index(
-    devices: set[int] | None = None, *, proc: str = PROC, roots: Iterable[str] = ()
+    keys: Collection[tuple[int, int]] | None = None,
+    *,
+    paths: Collection[str] | None = None,
+    proc: str = PROC,
+    roots: Iterable[str] = (),
 ) -> HandleIndex:
-    """One pass over every process: descriptors and memory maps on *devices*,
-    plus mappings of files below *roots* by path (whatever device maps shows)."""
-    prefixes = tuple(os.path.join(str(r), "") for r in roots)
+    """One pass over every process: who has any of *keys* open, mapped or leased.
+
+    *keys* None indexes every file (tests, diagnostics). Mappings are also
+    matched by path below *roots* (all of them, or only *paths*): overlayfs
+    shows the lower layer's device in maps. The cost is linear in processes x
+    (descriptors + mappings); a process's name is read only when it holds a target.
+    """
+    targets = Targets(keys, paths, roots)
     index = HandleIndex()
     try:
         pids = [p for p in os.listdir(proc) if p.isdigit()]
     except OSError:
         return index
-    add_leases(index, devices, proc=proc)
+    add_leases(index, targets, proc=proc)
     for pid_text in pids:
-        pid_dir = os.path.join(proc, pid_text)
         index.total += 1
         try:
-            fds = _scan_fds(pid_dir, devices)
-            maps, mapped_paths = _scan_maps(pid_dir, devices, prefixes)
+            pid_fd = os.open(os.path.join(proc, pid_text), _DIR)
         except FileNotFoundError:
             index.total -= 1  # exited while we looked
             continue
         except OSError:
+            continue
+        try:
+            fds = _scan_fds(pid_fd, targets)
+            text = _read_all("maps", pid_fd)
+        except FileNotFoundError:
+            index.total -= 1
+            continue
+        except OSError:
             continue  # not ours to inspect: counted in total, not in inspected
+        finally:
+            os.close(pid_fd)
         index.inspected += 1
-        name = _comm(pid_dir)
+        maps, mapped_paths = _scan_maps(text, targets) if targets.maps_may_hold(text) else ((), ())
+        if not (fds or maps or mapped_paths):
+            continue
         pid = int(pid_text)
+        name = _comm(os.path.join(proc, pid_text))
         for key in fds:
             index.add(key, Holder(pid, name, "fd"))
         for key in maps:
@@ -144,10 +228,10 @@ def build_index(
 OTHER_NAMESPACE = "another namespace"
 
 
-def add_leases(index: HandleIndex, devices: set[int] | None, *, proc: str = PROC) -> None:
-    """Every lock on *devices* as a lease holder of its (device, inode)."""
+def add_leases(index: HandleIndex, targets: Targets, *, proc: str = PROC) -> None:
+    """Every lock on a target as a lease holder of its (device, inode)."""
     for lock in read_locks(os.path.join(proc, "locks")):
-        if devices is not None and lock.device not in devices:
+        if not targets.wants_fd((lock.device, lock.inode)):
             continue
         name = lease_name(lock.pid, proc=proc)
         pid = lock.pid if name is not None else 0
@@ -174,9 +258,6 @@ def visibility(*, proc: str = PROC) -> tuple[int, int]:
         total += 1
         inspected += 1
     return (inspected, total)
-
-
-DELETED = " (deleted)"
 
 
 @dataclass(frozen=True, slots=True)

@@ -202,9 +202,9 @@ def test_release_before_act_then_open(
     engine.open(root)
     journal.clear()
 
-    def index(devices: set[int]) -> HandleIndex:
+    def index(keys: set[tuple[int, int]], paths: set[str]) -> HandleIndex:
         journal.append("index")
-        return build_index(devices)
+        return build_index(keys, paths=paths, roots=(str(root),))
 
     the_plan = plan_for(make_policy(root, state, action=mode))
     assert [a.name for a in the_plan.actions] == ["old_model.bin", "old_other.bin"]

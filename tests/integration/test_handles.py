@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from ocrd.observe.handles import HandleIndex, Holder, build_index
+from ocrd.observe.handles import HandleIndex, Holder, Targets, build_index
 from tests.support.files import make_model
 from tests.support.procs import HOLD_BOTH, HOLD_FD, HOLD_MMAP, holder
 
@@ -21,7 +21,7 @@ def test_child_holding_fd_is_found(tmp_path: Path) -> None:
     """A child with an open descriptor on a file is indexed with its pid and comm name."""
     model = make_model(tmp_path, "model.bin", b"m" * 4096)
     with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, model) as proc:
-        index = build_index({key(model)[0]})
+        index = build_index({key(model)})
         found = index.who({key(model)})
     assert Holder(proc.pid, "ocrd-hold-fd", "fd") in found
     assert all(h.how != "mmap" for h in found if h.pid == proc.pid)
@@ -34,7 +34,7 @@ def test_child_holding_only_mmap_is_found(tmp_path: Path) -> None:
         fds = os.listdir(f"/proc/{proc.pid}/fd")
         targets = {os.readlink(f"/proc/{proc.pid}/fd/{fd}") for fd in fds}
         assert str(model) not in targets  # the descriptor really is closed
-        found = build_index({key(model)[0]}).who({key(model)})
+        found = build_index({key(model)}).who({key(model)})
     assert [h for h in found if h.pid == proc.pid] == [Holder(proc.pid, "ocrd-hold-map", "mmap")]
 
 
@@ -43,26 +43,45 @@ def test_holders_gone_after_child_exits(tmp_path: Path) -> None:
     model = make_model(tmp_path, "model.bin", b"m" * 4096)
     with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, model) as proc:
         pid = proc.pid
-        assert any(h.pid == pid for h in build_index({key(model)[0]}).who({key(model)}))
-    assert all(h.pid != pid for h in build_index({key(model)[0]}).who({key(model)}))
+        assert any(h.pid == pid for h in build_index({key(model)}).who({key(model)}))
+    assert all(h.pid != pid for h in build_index({key(model)}).who({key(model)}))
 
 
-def test_device_filtering(tmp_path: Path) -> None:
-    """Only descriptors and maps on the requested devices are indexed."""
+def test_only_targets_are_indexed(tmp_path: Path) -> None:
+    """Only the targets asked for are indexed: another open file of the same holder is not."""
     model = make_model(tmp_path, "model.bin", b"m" * 4096)
-    dev = key(model)[0]
-    other = os.stat("/proc").st_dev
-    assert other != dev
-    with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, model):
-        on_dev = build_index({dev})
-        off_dev = build_index({other})
+    other = make_model(tmp_path, "other.bin", b"o" * 4096)
+    with holder(tmp_path, "ocrd-hold-fd", HOLD_FD, model, other):
+        mine = build_index({key(model)})
         nothing = build_index(set())
-    assert key(model) in on_dev.holders
-    assert {d for d, _ in on_dev.holders} == {dev}
-    assert key(model) not in off_dev.holders
-    assert {d for d, _ in off_dev.holders} <= {other}
+    assert set(mine.holders) == {key(model)}
     assert nothing.holders == {}
     assert nothing.inspected > 0  # processes were still looked at
+
+
+def test_many_targets_take_the_regex_path(tmp_path: Path) -> None:
+    """Beyond Targets.FEW inodes the maps text is matched by one regex pass: still exact."""
+    model = make_model(tmp_path, "model.gguf", b"g" * 8192)
+    decoys = {(key(model)[0], key(model)[1] + 1_000_000 + i) for i in range(Targets.FEW + 5)}
+    with holder(tmp_path, "ocrd-hold-map", HOLD_MMAP, model) as proc:
+        found = build_index(decoys | {key(model)}).who({key(model)})
+        missed = build_index(decoys)
+    assert Holder(proc.pid, "ocrd-hold-map", "mmap") in found
+    assert all(h.pid != proc.pid for hs in missed.holders.values() for h in hs)
+
+
+def test_maps_prefilter() -> None:
+    """A maps text is parsed only when it can mention a target's inode or root."""
+    text = (
+        b"7f00-7f01 r--p 00000000 fd:01 123456                     /usr/lib/libc.so.6\n"
+        b"7f02-7f03 rw-p 00000000 00:00 0 \n"
+    )
+    assert not Targets({(1, 12345)}).maps_may_hold(text)  # a prefix of an inode is no match
+    assert Targets({(1, 123456)}).maps_may_hold(text)
+    assert Targets({(1, 9)}, roots=["/usr/lib"]).maps_may_hold(text)
+    many = {(1, 10 + i) for i in range(Targets.FEW + 1)}
+    assert not Targets(many).maps_may_hold(text)
+    assert Targets(many | {(1, 123456)}).maps_may_hold(text)
 
 
 def test_counts_are_sane(tmp_path: Path) -> None:
@@ -70,7 +89,7 @@ def test_counts_are_sane(tmp_path: Path) -> None:
     model = make_model(tmp_path, "model.bin", b"m")
     with open(model, "rb"):
         index = build_index()
-        mine = build_index({key(model)[0]}).who({key(model)})
+        mine = build_index({key(model)}).who({key(model)})
     pids = {h.pid for holders in index.holders.values() for h in holders}
     assert 1 <= index.inspected <= index.total
     assert os.getpid() in pids
@@ -128,7 +147,7 @@ def test_who_deduplicates_across_keys_and_descriptors(tmp_path: Path) -> None:
         holder(tmp_path, "ocrd-hold-both", HOLD_BOTH, a) as both,
         holder(tmp_path, "ocrd-hold-fd", HOLD_FD, a, b, a) as fds,
     ):
-        index = build_index({key(a)[0]})
+        index = build_index({key(a), key(b)})
         found = index.who({key(a), key(b)})
     mine = [h for h in found if h.pid in (both.pid, fds.pid)]
     assert mine == sorted(
@@ -165,5 +184,5 @@ def test_hardlink_is_the_same_file(tmp_path: Path, script: str) -> None:
     alias = tmp_path / "alias.bin"
     os.link(model, alias)
     with holder(tmp_path, "ocrd-hold-alias", script, alias) as proc:
-        found = build_index({key(model)[0]}).who({key(model)})
+        found = build_index({key(model)}).who({key(model)})
     assert any(h.pid == proc.pid for h in found)

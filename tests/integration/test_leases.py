@@ -45,7 +45,7 @@ def test_a_lease_of_a_child_is_in_the_index(tmp_path: Path) -> None:
     """A child holding a lease on a file is indexed as a lease with its pid and name."""
     model = make_model(tmp_path, "model.bin")
     with holder(tmp_path, "ocrd-lease", HOLD_LEASE, model) as proc:
-        found = build_index({key(model)[0]}).who({key(model)})
+        found = build_index({key(model)}).who({key(model)})
     assert Holder(proc.pid, "ocrd-lease", "lease") in found
     assert f"lease, pid {proc.pid} (ocrd-lease)" in holders_text(found)
 
@@ -55,7 +55,7 @@ def test_a_lease_on_a_directory_model_is_in_the_index(tmp_path: Path) -> None:
     model = tmp_path / "Qwen-GGUF"
     model.mkdir()
     with lease(model):
-        found = build_index({key(model)[0]}).who({key(model)})
+        found = build_index({key(model)}).who({key(model)})
     assert Holder(os.getpid(), Path(f"/proc/{os.getpid()}/comm").read_text().strip(), "lease") in (
         found
     )
@@ -86,10 +86,10 @@ def test_lease_works_as_a_decorator(tmp_path: Path) -> None:
 
     @lease(model)
     def leased() -> bool:
-        return any(h.how == "lease" for h in build_index({key(model)[0]}).who({key(model)}))
+        return any(h.how == "lease" for h in build_index({key(model)}).who({key(model)}))
 
     assert leased()
-    assert not any(h.how == "lease" for h in build_index({key(model)[0]}).who({key(model)}))
+    assert not any(h.how == "lease" for h in build_index({key(model)}).who({key(model)}))
 
 
 def test_lease_on_a_missing_model_raises(tmp_path: Path) -> None:
