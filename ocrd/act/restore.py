@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import stat
 
 from ocrd.act.fs import ActionError, Changed, check_unchanged, hidden_name, rename_noreplace
+from ocrd.act.landing import Chaser, copy_into
 from ocrd.act.trash import quarantine
 from ocrd.act.twophase import Leased, exclusive, lease_holders
 from ocrd.core.model import Action
 from ocrd.core.names import TMP_PREFIX
-from ocrd.observe.hashing import BLOCK, Progress
+from ocrd.observe.hashing import Progress
 from ocrd.openfile import NotRegularError, give_to_owner_of, open_regular
 
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
@@ -27,7 +27,10 @@ RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 def _copy_verified(
     source: str, dir_fd: int, tmp: str, expected: str | None, progress: Progress | None
 ) -> tuple[int, str]:
-    digest = hashlib.sha256()
+    """Copy *source* to *tmp* (in *dir_fd*) and hash what landed, in one pass; flushed.
+
+    Returns (bytes, sha256 of the copy); a copy that is not the pin raises.
+    """
     try:
         # Non-blocking open, then fstat: a FIFO or a device as the source is refused,
         # never read (a FIFO nobody writes to would hang the cycle with the lock held).
@@ -36,30 +39,29 @@ def _copy_verified(
         raise ActionError(f"source {exc}; point `source` at the model file itself") from None
     try:
         st = os.fstat(src_fd)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(src_fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        # Read and write: the hash is taken of what landed, read back behind the copy.
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         dst_fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
         try:
-            total = 0
-            while True:
-                chunk = os.read(src_fd, BLOCK)
-                if not chunk:
-                    break
-                digest.update(chunk)
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(dst_fd, view)
-                    view = view[written:]
-                total += len(chunk)
-                if progress is not None:
-                    progress(tmp, total, st.st_size)  # may raise: the daemon is stopping
-            os.fchmod(dst_fd, stat.S_IMODE(st.st_mode) & 0o755 | 0o400)
-            give_to_owner_of(dst_fd, os.fstat(dir_fd))
-            os.fsync(dst_fd)
+            with Chaser(dst_fd) as chaser:
+
+                def step(done: int) -> None:
+                    if progress is not None:
+                        progress(tmp, done, st.st_size)  # may raise: the daemon is stopping
+
+                total = copy_into(src_fd, dst_fd, chaser, step)
+                os.fchmod(dst_fd, stat.S_IMODE(st.st_mode) & 0o755 | 0o400)
+                give_to_owner_of(dst_fd, os.fstat(dir_fd))
+                os.fsync(dst_fd)
+                sha, hashed = chaser.finish()
+            if hashed != total:
+                raise ActionError(f"the copy of {source} was {hashed} bytes, not {total}")
         finally:
             os.close(dst_fd)
     finally:
         os.close(src_fd)
-    sha = digest.hexdigest()
     if expected is not None and sha != expected:
         raise ActionError(
             f"source {source} has sha256 {sha[:12]}…, not the pinned "
