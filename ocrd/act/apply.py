@@ -20,7 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocrd import log as logconf
-from ocrd.act.fs import ActionError, Changed, Log, Sync, check_unchanged
+from ocrd.act.fs import (
+    ActionError,
+    Changed,
+    Log,
+    Sync,
+    check_unchanged,
+    hidden_name,
+    rename_noreplace,
+)
 from ocrd.act.holders import IndexFn, find_holders, holders_text
 from ocrd.act.listing import ocrd_models, open_and_compare
 from ocrd.act.restore import restore
@@ -36,7 +44,7 @@ from ocrd.core.model import (
     ReportKind,
     TrashItem,
 )
-from ocrd.core.names import TRASH
+from ocrd.core.names import DELETING_PREFIX, TRASH
 from ocrd.engine.base import Engine
 from ocrd.observe.handles import HandleIndex, Holder
 from ocrd.observe.hashing import Progress
@@ -87,10 +95,14 @@ class _Acting:
     def _keep(self, moved: Moved) -> str:
         """A delete's target that cannot go back under its name (a newer entry took it):
         into the quarantine, under its name, instead of being lost or deleted."""
-        size = os.stat(moved.hidden, dir_fd=self.fd, follow_symlinks=False).st_size
+        hidden = moved.inner
+        if moved.out_fd != self.fd:  # in a deleting dir: to a hidden name of its own first
+            hidden = hidden_name(DELETING_PREFIX)
+            rename_noreplace(moved.inner, hidden, src_dir_fd=moved.out_fd, dst_dir_fd=self.fd)
+        size = os.stat(hidden, dir_fd=self.fd, follow_symlinks=False).st_size
         item_id = quarantine(
             self.root,
-            moved.hidden,
+            hidden,
             as_name=moved.name,
             reason="could not go back under its name (a newer entry took it); kept",
             size=size,
@@ -111,7 +123,9 @@ class _Acting:
         check_unchanged(self.root, entry, dir_fd=self.fd)
         size = entry.size if entry.kind is Kind.FILE else None
         expect = Expect(entry.device, entry.inode, entry.mtime_ns, size)
-        self.two.move_out(number, back_fd=self.fd, name=action.name, expect=expect)
+        self.two.move_out(
+            number, back_fd=self.fd, name=action.name, expect=expect, is_dir=entry.kind is Kind.DIR
+        )
 
     def removed(self, number: int, action: Action) -> None:
         """Log a delete phase 3 carried out."""

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import secrets
+import stat
 import time
 from typing import Any
 
@@ -203,7 +204,8 @@ class Purger:
         fd = self.two.batch_fd(batch_id)
         st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         expect = Expect(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        self.two.move_out(number, back_fd=fd, name=name, expect=expect)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        self.two.move_out(number, back_fd=fd, name=name, expect=expect, is_dir=is_dir)
         self.items[number] = item_id
 
     def purged(self, number: int, *, model: str, reason: str, size: int) -> None:

@@ -3,12 +3,16 @@
 Every delete (a prune with `action: delete`, a purge of the quarantine) is
 two-phase (DESIGN §4):
 
-1. **out**: the target is renamed from its name to a hidden `.ocrd-deleting-*`
-   name in the model dir. The rename is atomic; from then on no process can
-   open it by its name. The moved entry is checked to be the one planned
-   (device, inode, and for a file its size and mtime); if it is not — a
-   fresh copy was put under the name between the re-check and the rename —
-   it goes back without replacing anything, and the target is `model.changed`.
+1. **out**: the target is renamed from its name to a hidden name in the model
+   dir: a file (or link) into one of the cycle's `.ocrd-deleting-*` directories
+   (up to OUT_PER_DIR each: renaming into a small directory and unlinking
+   there costs ext4 half of a rename and unlink among 100,000 names), a
+   directory model to a `.ocrd-deleting-*` name of its own. The rename is
+   atomic; from then on no process can open it by its name. The moved entry
+   is checked to be the one planned (device, inode, and for a file its size
+   and mtime); if it is not — a fresh copy was put under the name between the
+   re-check and the rename — it goes back without replacing anything, and the
+   target is `model.changed`.
 2. **index**: the caller builds the cycle's one handle index after the last
    rename, over what moved out (each `Moved`'s keys and paths).
 3. **finish**: what nobody holds is removed; a held one goes back under its
@@ -20,11 +24,13 @@ two-phase (DESIGN §4):
    quarantine under its name (the caller's *keep*), never deleted.
 
 A crash between the phases leaves only hidden names, which recovery finishes
-(after its own handle check). Nothing here logs; the caller reports.
+(after its own handle check; a `.ocrd-deleting-*` directory is one leftover,
+removed whole once nobody holds anything in it). Nothing here logs; the caller reports.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import stat
@@ -36,7 +42,9 @@ from ocrd.act.tree import Leftover, refuse_mounts_at, remove_whole
 from ocrd.core.names import DELETING_PREFIX, TRASH
 from ocrd.observe.handles import OTHER_NAMESPACE, HandleIndex, Holder, Targets, add_leases
 from ocrd.observe.scan import tree_members
-from ocrd.openfile import DIR_FLAGS
+from ocrd.openfile import DIR_FLAGS, give_to_owner_of
+
+OUT_PER_DIR = 128  # files moved into one `.ocrd-deleting-*` directory
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,8 +64,10 @@ class Moved:
     number: int  # the caller's number for it (its action's index in the plan)
     back_fd: int  # the directory it came from (the model dir, or a quarantine batch)
     name: str  # its name there
-    hidden: str  # its name in the model dir now
+    hidden: str  # where it is now, relative to the model dir (for messages)
     is_dir: bool
+    out_fd: int  # the directory it is in now (the model dir, or a deleting dir)
+    inner: str  # its name there
     ident: tuple[int, int] = (0, 0)  # (device, inode) of what moved: only that is removed
     keys: frozenset[tuple[int, int]] = frozenset()  # every (device, inode) in it
     paths: frozenset[str] = frozenset()  # and every path, for the mapping check
@@ -139,6 +149,25 @@ class TwoPhase:
         self.moved: list[Moved] = []
         self._trash_fd: int | None = None
         self._batches: dict[str, int] = {}
+        self._out: list[tuple[str, int]] = []  # this cycle's deleting dirs: (name, fd)
+        self._in_last = 0  # files moved into the newest one
+
+    def _out_dir(self) -> tuple[str, int, str]:
+        """Where the next file goes: (deleting dir's name, its fd, the name inside)."""
+        if not self._out or self._in_last >= OUT_PER_DIR:
+            name = hidden_name(DELETING_PREFIX)
+            os.mkdir(name, 0o700, dir_fd=self.root_fd)
+            fd = os.open(name, DIR_FLAGS, dir_fd=self.root_fd)
+            st, top = os.fstat(fd), os.fstat(self.root_fd)
+            if st.st_dev != top.st_dev or st.st_nlink != 2:  # not the empty dir just made
+                os.close(fd)
+                raise OSError(f"{name} was replaced as it was made; nothing moved into it")
+            give_to_owner_of(fd, top)
+            self._out.append((name, fd))
+            self._in_last = 0
+        self._in_last += 1
+        name, fd = self._out[-1]
+        return name, fd, str(self._in_last)
 
     def batch_fd(self, batch_id: str) -> int:
         """A quarantine batch directory, opened through `.ocrd-trash` without following a
@@ -150,6 +179,15 @@ class TwoPhase:
         return self._batches[batch_id]
 
     def close(self) -> None:
+        """Drop the deleting dirs left empty (one that still holds something stays for
+        recovery) and close every descriptor."""
+        for name, fd in self._out:
+            with contextlib.suppress(OSError):
+                st, there = os.fstat(fd), os.stat(name, dir_fd=self.root_fd, follow_symlinks=False)
+                if (st.st_dev, st.st_ino) == (there.st_dev, there.st_ino):
+                    os.rmdir(name, dir_fd=self.root_fd)  # fails unless empty
+            os.close(fd)
+        self._out.clear()
         for fd in self._batches.values():
             os.close(fd)
         self._batches.clear()
@@ -157,17 +195,36 @@ class TwoPhase:
             os.close(self._trash_fd)
             self._trash_fd = None
 
-    def move_out(self, number: int, *, back_fd: int, name: str, expect: Expect) -> Moved:
+    def move_out(
+        self, number: int, *, back_fd: int, name: str, expect: Expect, is_dir: bool | None = None
+    ) -> Moved:
         """Phase 1 for one target; raises Changed (after putting it back) when the entry
-        that moved is not the one planned, OSError when the rename fails."""
-        if stat.S_ISDIR(os.stat(name, dir_fd=back_fd, follow_symlinks=False).st_mode):
+        that moved is not the one planned, OSError when the rename fails.
+
+        *is_dir*: what the caller saw there (looked up when None); whatever moved is
+        checked against *expect* either way.
+        """
+        if is_dir is None:
+            is_dir = stat.S_ISDIR(os.stat(name, dir_fd=back_fd, follow_symlinks=False).st_mode)
+        if is_dir:
             # A model with a mount point inside stays whole, under its name.
             refuse_mounts_at(back_fd, name)
-        hidden = hidden_name(DELETING_PREFIX)
-        os.rename(name, hidden, src_dir_fd=back_fd, dst_dir_fd=self.root_fd)
-        st = os.stat(hidden, dir_fd=self.root_fd, follow_symlinks=False)
+            out_fd, inner = self.root_fd, hidden_name(DELETING_PREFIX)
+            hidden, prefix = inner, self.root
+        else:
+            out_name, out_fd, inner = self._out_dir()
+            hidden, prefix = f"{out_name}/{inner}", f"{self.root}/{out_name}"
+        os.rename(name, inner, src_dir_fd=back_fd, dst_dir_fd=out_fd)
+        st = os.stat(inner, dir_fd=out_fd, follow_symlinks=False)
         moved = Moved(
-            number, back_fd, name, hidden, stat.S_ISDIR(st.st_mode), (st.st_dev, st.st_ino)
+            number,
+            back_fd,
+            name,
+            hidden,
+            stat.S_ISDIR(st.st_mode),
+            out_fd,
+            inner,
+            (st.st_dev, st.st_ino),
         )
         if not _matches(st, expect):
             where = self.put_back(moved)
@@ -179,13 +236,13 @@ class TwoPhase:
             try:
                 # Again now it is out of its name: a mount made inside it after the
                 # first check sends it back whole.
-                refuse_mounts_at(self.root_fd, hidden)
+                refuse_mounts_at(out_fd, inner)
             except Leftover as exc:
                 where = self.put_back(moved)
                 back = "put back whole" if where is None else f"kept as {where}"
                 raise Leftover(f"{exc}; {back}") from None
             try:
-                keys, paths = tree_members(self.root_fd, hidden, self.root)
+                keys, paths = tree_members(out_fd, inner, prefix)
             except OSError as exc:  # what cannot be looked into is not deleted
                 where = self.put_back(moved)
                 back = "put back" if where is None else f"kept as {where}"
@@ -193,7 +250,7 @@ class TwoPhase:
             moved.keys, moved.paths = frozenset(keys), frozenset(paths)
         else:
             moved.keys = frozenset({(st.st_dev, st.st_ino)})
-            moved.paths = frozenset({os.path.join(self.root, hidden)})
+            moved.paths = frozenset({f"{prefix}/{inner}"})
         self.moved.append(moved)
         return moved
 
@@ -203,7 +260,7 @@ class TwoPhase:
         which recovery removes only once nobody holds it)."""
         try:
             rename_noreplace(
-                moved.hidden, moved.name, src_dir_fd=self.root_fd, dst_dir_fd=moved.back_fd
+                moved.inner, moved.name, src_dir_fd=moved.out_fd, dst_dir_fd=moved.back_fd
             )
         except OSError:
             if self.keep is None:
@@ -233,7 +290,7 @@ class TwoPhase:
                 settled.append(Settled(moved, holders, kept=self.put_back(moved)))
                 continue
             try:
-                lock_fd = exclusive(self.root_fd, moved.hidden, moved.ident)
+                lock_fd = exclusive(moved.out_fd, moved.inner, moved.ident)
             except BlockingIOError:  # a lease taken after the index was built: it wins
                 holders = lease_holders(moved.ident)
                 settled.append(Settled(moved, holders, kept=self.put_back(moved)))
@@ -262,4 +319,4 @@ class TwoPhase:
         """Phase 3 for a target nobody holds: gone for good (raises Leftover/OSError)."""
         # What is under the hidden name must still be what moved (and was looked up in
         # the handle index): anything put there since is left alone.
-        remove_whole(self.root_fd, moved.hidden, expect=moved.ident)
+        remove_whole(moved.out_fd, moved.inner, expect=moved.ident)

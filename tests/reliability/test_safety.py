@@ -956,7 +956,9 @@ def test_what_is_put_under_a_hidden_name_after_the_handle_check_is_left_alone(
     try:
 
         def swap() -> None:
-            hidden = [p for p in models.iterdir() if p.name.startswith(".ocrd-deleting-")]
+            # Files go out into `.ocrd-deleting-*` dirs of the cycle's own.
+            dirs = [p for p in models.iterdir() if p.name.startswith(".ocrd-deleting-")]
+            hidden = [p for d in dirs for p in d.iterdir()]
             (target,) = [p for p in hidden if p.lstat().st_ino == second]
             os.rename(target, models / ".aside")
             os.rename(models / "held.bin", target)
@@ -974,6 +976,40 @@ def test_what_is_put_under_a_hidden_name_after_the_handle_check_is_left_alone(
         holder.wait()
         assert holder.stdin is not None
         holder.stdin.close()
+
+
+@needs_strace
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="syscall numbers are x86_64's")
+def test_the_deleting_dir_swapped_for_a_link_mid_cycle_touches_nothing_outside(
+    models: Path, policy: Path, env: dict[str, str], tmp_path: Path
+) -> None:
+    """strace holds `ocrd apply` at its first move-out; meanwhile the cycle's
+    `.ocrd-deleting-*` dir is moved aside and a link to a dir outside is put under its
+    name. ocrd moves and unlinks through the dir's descriptor, so the targets still go,
+    nothing outside is touched, and the link is not followed when the dir is dropped."""
+    for i in range(3):
+        make_model(models, f"old_{i}", b"stale", age=9000)
+    make_model(models, "keep.bin")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_bytes(b"precious")
+    delete_policy(policy, models)
+
+    def swap() -> None:
+        (made,) = [p for p in models.iterdir() if p.name.startswith(".ocrd-deleting-")]
+        os.rename(made, models / ".aside")
+        made.symlink_to(outside)
+
+    logs, err = _held_apply(policy, env, "renameat,renameat2", RENAMES, swap)
+    assert sorted(e["model"] for e in _events(logs, "model.pruned")) == [
+        "old_0",
+        "old_1",
+        "old_2",
+    ], (logs, err)
+    assert sorted(os.listdir(outside)) == ["precious"]
+    assert (outside / "precious").read_bytes() == b"precious"
+    assert os.listdir(models / ".aside") == []  # the real dir, emptied through its descriptor
+    assert sorted(n for n in os.listdir(models) if not n.startswith(".")) == ["keep.bin"]
 
 
 def test_a_lock_that_is_a_hard_link_to_another_file_is_refused(
