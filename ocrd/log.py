@@ -41,7 +41,6 @@ FLUSH_EVERY = 0.1  # seconds a batched line may wait in the buffer
 LISTED = 50  # names in one list of a log line (the first ones, in name order)
 
 _RANK = {**LEVELS, "critical": logging.CRITICAL}  # structlog's method names
-_HEAD = ("timestamp", "level", "event")  # the keys that lead a JSON line
 
 
 class LineWriter:
@@ -112,11 +111,52 @@ def _at_level(_: WrappedLogger, method: str, event_dict: EventDict) -> EventDict
     return event_dict
 
 
-def _head_first(event_dict: EventDict, **dumps_kw: Any) -> str:
-    """json.dumps with timestamp, level and event first, then the fields in call order."""
-    line = {key: event_dict.pop(key, None) for key in _HEAD}
-    line.update(event_dict)
-    return json.dumps(line, **dumps_kw)
+class _JsonLine:
+    """The JSON chain's stamper, level and renderer in one processor: timestamp
+    (UTC, always six digits of microseconds), level and event first, then the
+    fields in call order.
+
+    structlog's TimeStamper, add_log_level and JSONRenderer in a row do the
+    same in about three times as long; here the date and time are formatted
+    once per second and the line is built in order. A big prune writes 50,000
+    lines, each through this processor.
+    """
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self, _: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        line = {"timestamp": stamp, "level": _LEVEL_NAMES.get(method, method)}
+        line["event"] = event_dict.pop("event", None)
+        event_dict.pop("timestamp", None)
+        event_dict.pop("level", None)
+        line.update(event_dict)
+        return json.dumps(line, default=repr)  # what JSON cannot hold: its repr, as structlog
+
+
+class _ConsoleLine:
+    """The console chain's stamper, level and renderer (structlog's own) in one processor."""
+
+    def __init__(self) -> None:
+        import structlog
+
+        self._stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
+        self._level = structlog.processors.add_log_level
+        self._render = structlog.dev.ConsoleRenderer(colors=False)
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> str:
+        event_dict = self._level(logger, method, self._stamp(logger, method, event_dict))
+        return str(self._render(logger, method, event_dict))
+
+
+_LEVEL_NAMES = {"warn": "warning", "exception": "error", "failure": "error", "err": "error"}
 
 
 def _chain(fmt: str) -> list[Processor]:
@@ -127,23 +167,8 @@ def _chain(fmt: str) -> list[Processor]:
     """
     import structlog
 
-    render: Processor
-    if fmt == "console":
-        stamp = structlog.processors.TimeStamper(fmt="iso", utc=True, key="timestamp")
-        render = structlog.dev.ConsoleRenderer(colors=False)
-    else:
-        # "iso" would drop the microseconds when they are 0; %f always writes six digits.
-        stamp = structlog.processors.TimeStamper(
-            fmt="%Y-%m-%dT%H:%M:%S.%fZ", utc=True, key="timestamp"
-        )
-        render = structlog.processors.JSONRenderer(serializer=_head_first)
-    return [
-        _at_level,
-        stamp,
-        structlog.processors.add_log_level,
-        structlog.processors.format_exc_info,
-        render,
-    ]
+    render: Processor = _ConsoleLine() if fmt == "console" else _JsonLine()
+    return [_at_level, structlog.processors.format_exc_info, render]
 
 
 def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None = None) -> None:
