@@ -12,7 +12,7 @@ from pathlib import Path
 
 from _common import PYTHON, Row, log, table
 
-BENCHMARKS = ("startup", "hashing", "reaction", "storm", "idle", "bigdir")
+BENCHMARKS = ("startup", "hashing", "restore", "handles", "reaction", "storm", "idle", "bigdir")
 HERE = Path(__file__).resolve().parent
 
 

@@ -7,6 +7,8 @@ find -delete, the bare loop) actually removes every old_* and nothing else.
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,27 +23,31 @@ from _common import copy_tree, make_entries  # noqa: E402
 
 @pytest.mark.parametrize("action", ["delete", "quarantine"])
 def test_bigdir_compare_apply_prunes_every_old_entry(tmp_path: Path, action: str) -> None:
-    """One small run of compare_apply: ocrd and both baselines leave only the keep_* entries."""
+    """One small run of compare_apply: ocrd, find and the floor each act on every old_*
+    (compare_apply notes any contender that exits non-zero or leaves one)."""
     template = tmp_path / "template"
     make_entries(template, 60, 20)
-    _, find_s, bare_s, note = bigdir.compare_apply(tmp_path, template, action, runs=1)
-    assert note == ""  # ocrd exited 0 and no old_* is left in its copy
-    assert find_s > 0 and bare_s > 0
-    for side in ("models", "baseline", "bare"):
-        left = sorted(n for n in os.listdir(tmp_path / side) if not n.startswith("."))
-        assert left == [f"keep_{i:07d}.bin" for i in range(20, 60)], side
-    trash = tmp_path / "models" / ".ocrd-trash"
-    if action == "quarantine":
-        (batch,) = trash.iterdir()
-        assert len([n for n in os.listdir(batch) if n.startswith("old_")]) == 20
-    else:
-        assert not trash.exists() or not any(trash.iterdir())
+    floor = bigdir.build_floor(tmp_path)
+    timings = bigdir.compare_apply(tmp_path, template, action, 1, floor, 20)
+    assert timings.notes == []
+    assert timings.ocrd[0] > 0 and timings.find[0] > 0 and timings.floor[0] > 0
 
 
-def test_bare_loop_leaves_what_it_does_not_match(tmp_path: Path) -> None:
-    """The bare-loop baseline only touches old_* names (it is a fair floor, not a wipe)."""
+@pytest.mark.parametrize("which", ["c", "python"])
+@pytest.mark.parametrize("action", ["delete", "quarantine"])
+def test_the_floor_leaves_what_it_does_not_match(tmp_path: Path, which: str, action: str) -> None:
+    """The C floor and its Python stand-in only touch old_* names (a fair floor, not a wipe)."""
+    if which == "c" and shutil.which("cc") is None:
+        pytest.skip("no cc")
+    floor = bigdir.build_floor(tmp_path)
+    argv = list(floor.argv) if which == "c" else [sys.executable, "-c", bigdir.BARE_LOOP]
+    assert which != "c" or floor.is_c
     template, work = tmp_path / "t", tmp_path / "w"
     make_entries(template, 10, 4)
     copy_tree(template, work)
-    bigdir.time_bare(work, "delete")
-    assert sorted(os.listdir(work)) == sorted(f"keep_{i:07d}.bin" for i in range(4, 10))
+    out = subprocess.run([*argv, str(work), action], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "4"
+    kept = sorted(n for n in os.listdir(work) if n != bigdir.QUARANTINE)
+    assert kept == sorted(f"keep_{i:07d}.bin" for i in range(4, 10))
+    if action == "quarantine":
+        assert len(os.listdir(work / bigdir.QUARANTINE)) == 4
