@@ -159,7 +159,9 @@ class TwoPhase:
             os.mkdir(name, 0o700, dir_fd=self.root_fd)
             fd = os.open(name, DIR_FLAGS, dir_fd=self.root_fd)
             st, top = os.fstat(fd), os.fstat(self.root_fd)
-            if st.st_dev != top.st_dev or st.st_nlink != 2:  # not the empty dir just made
+            # Ours and on the model dir's filesystem, else another dir took the name
+            # between mkdir and open (not st_nlink: btrfs counts a directory's links as 1).
+            if st.st_dev != top.st_dev or st.st_uid != os.geteuid():
                 os.close(fd)
                 raise OSError(f"{name} was replaced as it was made; nothing moved into it")
             give_to_owner_of(fd, top)
