@@ -124,6 +124,7 @@ def test_a_lease_taken_after_the_index_keeps_the_model(tmp_path: Path, *, is_dir
         moved = two.move_out(0, back_fd=root_fd, name="old_a", expect=expect)
         (settled,) = two.settle(lambda _: [])  # released: now it goes
         assert settled.removed
+        two.close()  # drops the deleting dir the file went out into
         assert sorted(os.listdir(models)) == []
     finally:
         os.close(root_fd)
