@@ -12,7 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from _common import (
@@ -42,6 +42,11 @@ QUARANTINE = ".q"  # the floor's quarantine dir, created inside the model dir
 # unlinkat it or renameat it into a quarantine dir made with mkdirat, and one
 # fsync of each changed directory at the end. No policy, no plan, no logs, no
 # interpreter: the floor under ocrd, not a competitor. Prints how many it acted on.
+# `delete2` is the two-phase delete ocrd's safety rules require (DESIGN §4): after
+# the re-check, renameat each file into a `.d-N` dir of 128 made with mkdirat and
+# fstatat it there (is it what was planned?); then, for each, openat it
+# (O_NOFOLLOW|O_NONBLOCK), fstat, flock(LOCK_EX|LOCK_NB) (the lease check),
+# unlinkat, close; then unlinkat each emptied dir, and fsync the model dir.
 FLOOR_C = r"""
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -50,6 +55,7 @@ FLOOR_C = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -64,11 +70,13 @@ static void die(const char *what, const char *name) {
 }
 
 int main(int argc, char **argv) {
-    if (argc != 3 || (strcmp(argv[2], "delete") != 0 && strcmp(argv[2], "quarantine") != 0)) {
-        fprintf(stderr, "usage: floor DIR delete|quarantine\n");
+    if (argc != 3 || (strcmp(argv[2], "delete") != 0 && strcmp(argv[2], "quarantine") != 0
+                      && strcmp(argv[2], "delete2") != 0)) {
+        fprintf(stderr, "usage: floor DIR delete|delete2|quarantine\n");
         return 2;
     }
     int quarantine = strcmp(argv[2], "quarantine") == 0;
+    int two_phase = strcmp(argv[2], "delete2") == 0;
     int fd = open(argv[1], O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     if (fd < 0) die("open", argv[1]);
     int list_fd = dup(fd);
@@ -108,6 +116,44 @@ int main(int argc, char **argv) {
         if (q_fd < 0) die("openat", ".q");
     }
     size_t acted = 0;
+    if (two_phase) {
+        int *out = malloc((n / 128 + 1) * sizeof *out);
+        if (out == NULL) die("malloc", "");
+        size_t dirs = 0;
+        char name[32];
+        for (size_t i = 0; i < n; i++) {
+            if (fstatat(fd, c[i].name, &st, AT_SYMLINK_NOFOLLOW) != 0 || st.st_ino != c[i].ino)
+                continue;
+            if (acted % 128 == 0) {
+                snprintf(name, sizeof name, ".d-%zu", dirs);
+                if (mkdirat(fd, name, 0700) != 0) die("mkdirat", name);
+                out[dirs] = openat(fd, name, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+                if (out[dirs] < 0) die("openat", name);
+                dirs++;
+            }
+            snprintf(name, sizeof name, "%zu", acted % 128);
+            if (renameat(fd, c[i].name, out[dirs - 1], name) != 0) die("renameat", c[i].name);
+            if (fstatat(out[dirs - 1], name, &st, AT_SYMLINK_NOFOLLOW) != 0) die("fstatat", name);
+            acted++;
+        }
+        for (size_t i = 0; i < acted; i++) {
+            int dir_fd = out[i / 128];
+            snprintf(name, sizeof name, "%zu", i % 128);
+            int f = openat(dir_fd, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+            if (f < 0 || fstat(f, &st) != 0) die("openat", name);
+            if (flock(f, LOCK_EX | LOCK_NB) != 0) die("flock", name);
+            if (unlinkat(dir_fd, name, 0) != 0) die("unlinkat", name);
+            close(f);
+        }
+        for (size_t d = 0; d < dirs; d++) {
+            close(out[d]);
+            snprintf(name, sizeof name, ".d-%zu", d);
+            if (unlinkat(fd, name, AT_REMOVEDIR) != 0) die("rmdir", name);
+        }
+        if (fsync(fd) != 0) die("fsync", argv[1]);
+        printf("%zu\n", acted);
+        return 0;
+    }
     for (size_t i = 0; i < n; i++) {
         if (fstatat(fd, c[i].name, &st, AT_SYMLINK_NOFOLLOW) != 0 || st.st_ino != c[i].ino)
             continue; /* gone or replaced since the scan: skipped, as ocrd does */
@@ -206,6 +252,7 @@ class Timings:
     find: list[float]
     floor: list[float]
     notes: list[str]
+    floor2: list[float] = field(default_factory=list)  # the two-phase C floor (delete only)
 
 
 def compare_apply(
@@ -216,10 +263,11 @@ def compare_apply(
     The three run one after another in an order rotated every run, so none of
     them always runs first or last (on a colder or warmer cache).
     """
-    models, find_dir, floor_dir, state = (
+    models, find_dir, floor_dir, floor2_dir, state = (
         work / "models",
         work / "find",
         work / "floor",
+        work / "floor2",
         work / "state",
     )
     policy = write_policy(
@@ -257,13 +305,30 @@ def compare_apply(
                 f"({result.stderr.decode().strip()[-200:]})"
             )
 
+    def run_floor2() -> None:
+        elapsed, result = run_cmd([*floor.argv, str(floor2_dir), "delete2"])
+        t.floor2.append(elapsed)
+        left = count_old(floor2_dir)
+        said = result.stdout.decode().strip()
+        if result.returncode != 0 or left or said != str(old):
+            t.notes.append(
+                f"two-phase floor exited {result.returncode}: acted on {said or '?'} of {old}, "
+                f"{left} old_* left ({result.stderr.decode().strip()[-200:]})"
+            )
+
     contenders = [("ocrd", run_ocrd), ("find", run_find), ("floor", run_floor)]
+    two_phase = action == "delete" and floor.is_c
+    if two_phase:
+        contenders.append(("floor2", run_floor2))
+    dirs = (models, find_dir, floor_dir, floor2_dir, state)
     for i in range(runs):
-        for d in (models, find_dir, floor_dir, state):
+        for d in dirs:
             remove_tree(d)
         copy_tree(template, models)
         copy_tree(template, find_dir)
         copy_tree(template, floor_dir)
+        if two_phase:
+            copy_tree(template, floor2_dir)
         state.mkdir()
         shift = i % len(contenders)
         order = contenders[shift:] + contenders[:shift]
@@ -274,8 +339,9 @@ def compare_apply(
             f"ocrd {t.ocrd[-1]:.3f}s find {t.find[-1]:.3f}s {floor.name} {t.floor[-1]:.3f}s "
             f"(ocrd/floor {t.ocrd[-1] / t.floor[-1]:.2f}x, floor/find "
             f"{t.floor[-1] / t.find[-1]:.2f}x)"
+            + (f" two-phase floor {t.floor2[-1]:.3f}s" if two_phase else "")
         )
-    for d in (models, find_dir, floor_dir, state):
+    for d in dirs:
         remove_tree(d)
     ratios = [o / f for o, f in zip(t.ocrd, t.floor, strict=True)]
     log(f"{NAME} {action}: median of per-run ocrd/floor ratios {median(ratios):.2f}x")
@@ -336,6 +402,20 @@ def run(quick: bool) -> list[Row]:
             rows.append(
                 Row(NAME, f"apply {action} vs find -delete", o, "s", "-", None, f, "find -delete")
             )
+            if t.floor2:
+                rows.append(
+                    Row(
+                        NAME,
+                        "apply delete vs the two-phase C floor (fstatat x2, renameat out, "
+                        "fstatat, openat+fstat+flock, unlinkat, close)",
+                        o,
+                        "s",
+                        "-",
+                        None,
+                        median(t.floor2),
+                        "two-phase C floor",
+                    )
+                )
             steps = "unlinkat" if action == "delete" else "mkdirat, renameat into it"
             rows.append(
                 Row(

@@ -31,6 +31,7 @@ removed whole once nobody holds anything in it). Nothing here logs; the caller r
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import stat
@@ -69,6 +70,7 @@ class Moved:
     out_fd: int  # the directory it is in now (the model dir, or a deleting dir)
     inner: str  # its name there
     ident: tuple[int, int] = (0, 0)  # (device, inode) of what moved: only that is removed
+    regular: bool = False  # a regular file moved (settled by the fast path)
     keys: frozenset[tuple[int, int]] = frozenset()  # every (device, inode) in it
     paths: frozenset[str] = frozenset()  # and every path, for the mapping check
 
@@ -227,6 +229,7 @@ class TwoPhase:
             out_fd,
             inner,
             (st.st_dev, st.st_ino),
+            stat.S_ISREG(st.st_mode),
         )
         if not _matches(st, expect):
             where = self.put_back(moved)
@@ -290,32 +293,71 @@ class TwoPhase:
             holders = who(moved)
             if holders:
                 settled.append(Settled(moved, holders, kept=self.put_back(moved)))
-                continue
-            try:
-                lock_fd = exclusive(moved.out_fd, moved.inner, moved.ident)
-            except BlockingIOError:  # a lease taken after the index was built: it wins
-                holders = lease_holders(moved.ident)
-                settled.append(Settled(moved, holders, kept=self.put_back(moved)))
-                continue
-            except OSError as exc:  # cannot tell whether it is leased: not deleted
-                where = self.put_back(moved)
-                back = "put back" if where is None else f"kept as {where}"
-                text = exc.strerror or str(exc)
-                settled.append(
-                    Settled(moved, [], error=f"cannot check it for a lease ({text}); {back}")
-                )
-                continue
-            try:
-                self.remove(moved)
-            except OSError as exc:  # what stays is under its hidden name: recovery retries
-                settled.append(Settled(moved, [], error=f"{exc} (kept as {moved.hidden})"))
+            elif moved.regular:
+                settled.append(self._finish_file(moved))
             else:
-                settled.append(Settled(moved, []))
-            finally:
-                if lock_fd is not None:
-                    os.close(lock_fd)  # only now that it is gone
+                settled.append(self._finish(moved))
         self.moved = []
         return settled
+
+    def _finish(self, moved: Moved) -> Settled:
+        """Phase 3 for anything nobody holds: the exclusive check, then removed whole."""
+        try:
+            lock_fd = exclusive(moved.out_fd, moved.inner, moved.ident)
+        except BlockingIOError:  # a lease taken after the index was built: it wins
+            return self._leased(moved)
+        except OSError as exc:  # cannot tell whether it is leased: not deleted
+            return self._unchecked(moved, exc)
+        try:
+            self.remove(moved)
+        except OSError as exc:  # what stays is under its hidden name: recovery retries
+            return Settled(moved, [], error=f"{exc} (kept as {moved.hidden})")
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)  # only now that it is gone
+        return Settled(moved, [])
+
+    def _leased(self, moved: Moved) -> Settled:
+        return Settled(moved, lease_holders(moved.ident), kept=self.put_back(moved))
+
+    def _unchecked(self, moved: Moved, exc: OSError) -> Settled:
+        where = self.put_back(moved)
+        back = "put back" if where is None else f"kept as {where}"
+        text = exc.strerror or str(exc)
+        return Settled(moved, [], error=f"cannot check it for a lease ({text}); {back}")
+
+    def _finish_file(self, moved: Moved) -> Settled:
+        """Phase 3 for a regular file nobody holds, in five syscalls: open it (never
+        following a link, never blocking), check it is what moved, take the exclusive
+        lock, unlink it, close. Anything else under its hidden name now (what moved
+        was swapped in the cycle's own deleting dir, mode 0700: only ocrd's own user
+        can) goes the general way, which leaves it alone."""
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
+        try:
+            fd = os.open(moved.inner, flags, dir_fd=moved.out_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENOENT):
+                return self._finish(moved)  # not that file there now: the general path decides
+            return self._unchecked(moved, exc)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != moved.ident:
+                os.close(fd)
+                return self._finish(moved)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a lease taken after the index was built: it wins
+            os.close(fd)
+            return self._leased(moved)
+        except OSError as exc:
+            os.close(fd)
+            return self._unchecked(moved, exc)
+        try:
+            os.unlink(moved.inner, dir_fd=moved.out_fd)
+        except OSError as exc:  # what stays is under its hidden name: recovery retries
+            return Settled(moved, [], error=f"{exc.strerror or exc} (kept as {moved.hidden})")
+        finally:
+            os.close(fd)  # only now that it is gone
+        return Settled(moved, [])
 
     def remove(self, moved: Moved) -> None:
         """Phase 3 for a target nobody holds: gone for good (raises Leftover/OSError)."""
