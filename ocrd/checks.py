@@ -16,6 +16,112 @@ from ocrd.observe.handles import visibility
 Finding = tuple[str, str]  # (ok | info | warning | error, text)
 
 
+def _local_source(name: str, path: str) -> Finding | None:
+    if not os.path.isfile(path):
+        return (
+            "warning",
+            f"required {name!r}: source {path} is not a readable file; "
+            "it cannot be restored from there",
+        )
+    if not os.access(path, os.R_OK):
+        return ("warning", f"required {name!r}: source {path} is not readable by this user")
+    return None
+
+
+def _source_findings(policy: Policy) -> list[Finding]:
+    """Local sources are looked at; remote ones only counted (`--sources` asks them)."""
+    found: list[Finding] = []
+    remote = 0
+    for item in policy.required:
+        for source in item.fetch_from():
+            if source.remote:
+                remote += 1
+                continue
+            finding = _local_source(item.name, str(source.path))
+            if finding is not None:
+                found.append(finding)
+    if remote:
+        found.append(
+            (
+                "info",
+                f"{remote} source(s) on the network; `ocrd check --sources` asks each of "
+                "them (and prints the Hub's sha256 pins)",
+            )
+        )
+    for name in ("netrc", "ca_bundle"):
+        path = getattr(policy.download, name)
+        if path is not None and not os.path.isfile(path):
+            found.append(("error", f"download.{name}: {path} is not a file"))
+    return found
+
+
+def remote_findings(policy: Policy) -> list[Finding]:
+    """`ocrd check --sources`: ask every remote source whether it has the model, and
+    what the Hub says its sha256 is (the pin to paste into the policy)."""
+    from ocrd.fetch import hub
+    from ocrd.fetch.transport import FetchError, Settings, Transport, http_error, redact
+
+    found: list[Finding] = []
+    settings = Settings.of(policy.download)
+    for item in policy.required:
+        for source in item.fetch_from():
+            if not source.remote:
+                continue
+            where = f"required {item.name!r}: {source.text}"
+            try:
+                transport = Transport(settings)
+            except FetchError as exc:
+                return [*found, ("error", f"download: {exc}")]
+            try:
+                if source.url is not None:
+                    answer = transport.open("HEAD", source.url, {"Accept-Encoding": "identity"})
+                    answer.close()
+                    if answer.status >= 400:
+                        raise http_error(answer.status, answer.url, answer.headers)
+                    size = answer.headers.get("Content-Length")
+                    bytes_text = f", {size} bytes" if size else ""
+                    found.append(("ok", f"{where} answers (at {redact(answer.url)}{bytes_text})"))
+                    continue
+                meta = hub.resolve(source, transport)
+            except FetchError as exc:
+                found.append(("error", f"{where}: {exc}"))
+                continue
+            finally:
+                transport.close()
+            commit = f" at commit {meta.commit}" if meta.commit else ""
+            if meta.sha256 is None:
+                found.append(
+                    (
+                        "warning" if item.sha256 is None else "ok",
+                        f"{where} is on the Hub{commit}, stored in git (no LFS sha256); "
+                        + (
+                            "pin it with its sha256sum to have it verified"
+                            if item.sha256 is None
+                            else "verified against the policy's pin"
+                        ),
+                    )
+                )
+            elif item.sha256 is None:
+                found.append(
+                    (
+                        "info",
+                        f"{where} is on the Hub{commit}; its pin (verified on download "
+                        f"anyway): sha256: {meta.sha256}",
+                    )
+                )
+            elif item.sha256 == meta.sha256:
+                found.append(("ok", f"{where} is on the Hub{commit}; the pin matches"))
+            else:
+                found.append(
+                    (
+                        "error",
+                        f"{where}: the policy pins {item.sha256}, the Hub{commit} says "
+                        f"{meta.sha256}; fix the pin or the revision",
+                    )
+                )
+    return found
+
+
 def _dir_findings(label: str, path: str, *, must_exist: bool) -> list[Finding]:
     try:
         st = os.stat(path)
@@ -109,24 +215,7 @@ def run_checks(loaded: LoadedPolicy) -> list[Finding]:
     assert policy.state_dir is not None
     found += _dir_findings("state_dir", str(policy.state_dir), must_exist=False)
     found += [("warning", text) for text in conflicts(policy)]
-    for item in policy.required:
-        if item.source is None:
-            continue
-        if not os.path.isfile(item.source):
-            found.append(
-                (
-                    "warning",
-                    f"required {item.name!r}: source {item.source} is not a "
-                    "readable file; it cannot be restored from there",
-                )
-            )
-        elif not os.access(item.source, os.R_OK):
-            found.append(
-                (
-                    "warning",
-                    f"required {item.name!r}: source {item.source} is not readable by this user",
-                )
-            )
+    found += _source_findings(policy)
     found += _engine_findings(policy)
     inspected, total = visibility()
     if inspected < total:

@@ -41,21 +41,27 @@ class _Context:
 
 
 def _progress() -> Any:
-    """A stderr progress line while hashing big files, on a terminal only."""
+    """A stderr progress line while hashing, copying or downloading big files, on a
+    terminal only."""
     if not sys.stderr.isatty():
         return None
     last = [0.0]
 
     def show(name: str, done: int, total: int) -> None:
-        if total < PROGRESS_MIN_BYTES:
+        # A restore says what it does ("downloading NAME"); the hasher passes the name.
+        what = name if name.startswith(("downloading ", "copying ")) else f"hashing {name}"
+        if max(total, done) < PROGRESS_MIN_BYTES:
             return
         now = time.monotonic()
-        if done < total and now - last[0] < 0.2:
+        if (done < total or not total) and now - last[0] < 0.2:
             return
         last[0] = now
-        pct = 100 * done // max(total, 1)
-        end = "\n" if done >= total else ""
-        sys.stderr.write(f"\rhashing {name}: {pct:3d}% of {total / 2**30:.1f} GiB{end}")
+        if not total:  # a length the server did not say
+            sys.stderr.write(f"\r{what}: {done / 2**20:.0f} MiB")
+        else:
+            pct = 100 * done // max(total, 1)
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\r{what}: {pct:3d}% of {total / 2**30:.1f} GiB{end}")
         sys.stderr.flush()
 
     return show
@@ -115,14 +121,22 @@ def cli(ctx: click.Context, config: str | None) -> None:
 
 @cli.command()
 @_config_option
+@click.option(
+    "--sources",
+    "ask_sources",
+    is_flag=True,
+    help="Also ask every network source (HEAD) and print the Hub's sha256 pins.",
+)
 @click.pass_obj
 @_run
-def check(obj: _Context) -> None:
+def check(obj: _Context, ask_sources: bool) -> None:
     """Validate the policy and the environment; print every finding."""
-    from ocrd.checks import run_checks
+    from ocrd.checks import remote_findings, run_checks
 
     loaded = obj.load()
     findings = run_checks(loaded)
+    if ask_sources:
+        findings += remote_findings(loaded.policy)
     for level, text in findings:
         click.echo(f"{level}: {text}")
     errors = sum(1 for level, _ in findings if level == "error")

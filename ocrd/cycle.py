@@ -1,24 +1,35 @@
-"""One reconcile cycle: recover -> scan -> plan -> apply. The CLI's `apply`
+"""One reconcile cycle: scan -> plan -> recover -> apply. The CLI's `apply`
 runs it once; the daemon runs it on every trigger."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from ocrd.act.apply import apply
+from ocrd.act.fetching import Fetch, Fetcher, partial_name
 from ocrd.act.fs import Log
 from ocrd.act.recovery import recover
-from ocrd.core.model import ActionKind, Outcome, Plan, ReportKind, Snapshot
+from ocrd.core.model import Action, ActionKind, Outcome, Plan, ReportKind, Snapshot
 from ocrd.core.names import OWN_PREFIX
 from ocrd.core.own import own_problems, own_reason
 from ocrd.core.plan import reconcile
 from ocrd.core.policy import Policy
 from ocrd.engine.base import Engine
+from ocrd.fetch.transport import Settings
 from ocrd.observe.hashing import Progress
 from ocrd.observe.scan import no_gc_pauses, observe, open_model_dir
+
+
+@runtime_checkable
+class Deferring(Protocol):
+    """A fetch that runs downloads beside the caller (the daemon's)."""
+
+    def defer(self, actions: Sequence[Action], dir_fd: int) -> dict[str, str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,13 +82,17 @@ def run_cycle(
     hold: Mapping[str, str] | None = None,
     gate: Callable[[Snapshot], str | None] | None = None,
     stop: Callable[[], bool] | None = None,
+    fetch: Fetch | None = None,
 ) -> CycleResult:
     """One pass; destructive only when not *dry_run* and the policy is not suspended.
 
     *gate* looks at the fresh snapshot and may return a reason not to act on it
     (the daemon's suspicious-view check): the cycle then only reports.
     *stop* is asked before each action; once it says yes the rest are skipped.
+    *fetch* stages restores (default: now, with the policy's download settings).
     """
+    if fetch is None:
+        fetch = Fetcher(Settings.of(policy.download), log=log, progress=progress)
     with no_gc_pauses():
         started = time.monotonic()
         root = str(policy.model_dir)
@@ -86,7 +101,7 @@ def run_cycle(
         fd = open_model_dir(root)
         try:
             return _cycle(
-                policy, fd, started, engine, log, dry_run, progress, clock, hold, gate, stop
+                policy, fd, started, engine, log, dry_run, progress, clock, hold, gate, stop, fetch
             )
         finally:
             os.close(fd)
@@ -104,17 +119,27 @@ def _cycle(
     hold: Mapping[str, str] | None,
     gate: Callable[[Snapshot], str | None] | None,
     stop: Callable[[], bool] | None,
+    fetch: Fetch,
 ) -> CycleResult:
     root = str(policy.model_dir)
     snapshot = observe(policy, log=log, dir_fd=fd, progress=progress)
     held_back = gate(snapshot) if gate is not None else _own_gate(snapshot, log)
     dry_run = dry_run or held_back is not None
+    plan = reconcile(policy, snapshot, now=clock(), hold=hold)
+    resumable = _resumable(policy, plan)
     recovered = (
         ()
         if dry_run
-        else tuple(recover(root, log, names=snapshot.names_starting(OWN_PREFIX), dir_fd=fd))
+        else tuple(
+            recover(
+                root,
+                log,
+                names=snapshot.names_starting(OWN_PREFIX),
+                dir_fd=fd,
+                keep=resumable,
+            )
+        )
     )
-    plan = reconcile(policy, snapshot, now=clock(), hold=hold)
     for error in plan.errors:
         log.error("plan.refused", error=error)
     for report in plan.reports:
@@ -136,8 +161,23 @@ def _cycle(
             )
         outcome = Outcome()
     else:
+        # Downloads run beside the daemon's loop: a restore still downloading is left
+        # out of this cycle (no engine release for it, nothing else waits for it).
+        deferred: dict[str, str] = {}
+        if isinstance(fetch, Deferring):
+            deferred = fetch.defer(plan.actions, fd)
+        now_plan = plan
+        if deferred:
+            now_plan = dataclasses.replace(
+                plan,
+                actions=tuple(
+                    a
+                    for a in plan.actions
+                    if not (a.kind is ActionKind.RESTORE and a.name in deferred)
+                ),
+            )
         outcome = apply(
-            plan,
+            now_plan,
             root=root,
             engine=engine,
             log=log,
@@ -145,7 +185,15 @@ def _cycle(
             stop=stop,
             dir_fd=fd,
             progress=progress,
+            fetch=fetch,
         )
+        if deferred:
+            waiting = tuple(
+                (a, deferred[a.name])
+                for a in plan.actions
+                if a.kind is ActionKind.RESTORE and a.name in deferred
+            )
+            outcome = dataclasses.replace(outcome, skipped=outcome.skipped + waiting)
     result = CycleResult(
         snapshot,
         plan,
@@ -167,6 +215,22 @@ def _cycle(
         duration_ms=result.duration_ms,
     )
     return result
+
+
+def _resumable(policy: Policy, plan: Plan) -> frozenset[str]:
+    """The downloads recovery leaves for a resume: those of required models from the
+    network that are still to be restored (now, or once a backoff or hold ends)."""
+    needing = {a.name for a in plan.actions if a.kind is ActionKind.RESTORE}
+    needing |= {
+        r.name
+        for r in plan.reports
+        if r.kind in (ReportKind.MISSING, ReportKind.CORRUPT, ReportKind.HELD)
+    }
+    return frozenset(
+        partial_name(item.name)
+        for item in policy.required
+        if item.name in needing and any(s.remote for s in item.fetch_from())
+    )
 
 
 def _own_gate(snapshot: Snapshot, log: Log) -> str | None:

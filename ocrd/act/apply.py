@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocrd import log as logconf
+from ocrd.act.fetching import Fetch, Fetcher, Pending
 from ocrd.act.fs import (
     ActionError,
     Changed,
@@ -46,6 +47,7 @@ from ocrd.core.model import (
 )
 from ocrd.core.names import DELETING_PREFIX, TRASH
 from ocrd.engine.base import Engine
+from ocrd.fetch.transport import Settings
 from ocrd.observe.handles import HandleIndex, Holder
 from ocrd.observe.hashing import Progress
 from ocrd.openfile import DIR_FLAGS
@@ -80,8 +82,10 @@ class _Acting:
         now: float,
         dir_fd: int | None = None,
         progress: Progress | None = None,
+        fetch: Fetch | None = None,
     ) -> None:
         self.root, self.log, self.now, self.progress = root, log, now, progress
+        self.fetch = fetch or Fetcher(Settings(), log=log, progress=progress)
         # The cycle's own descriptor of the model dir (the one it scanned), else one now.
         self.fd = os.dup(dir_fd) if dir_fd is not None else os.open(root, DIR_FLAGS)
         self.sync = Sync(batch=True)
@@ -182,16 +186,14 @@ class _Acting:
         )
 
     def restore(self, action: Action, now: float) -> None:
-        total, sha, old_id = restore(
-            self.root, action, now=now, dir_fd=self.fd, progress=self.progress
-        )
+        staged, old_id = restore(self.root, action, now=now, dir_fd=self.fd, fetch=self.fetch)
         self.log.info(
             "model.restored",
             model=action.name,
             reason=action.reason,
-            bytes=total,
-            sha256=sha,
-            source=action.source,
+            bytes=staged.size,
+            sha256=staged.sha256,
+            source=staged.source,
             dest=action.name,
             replaced=(f"{TRASH}/{old_id}" if old_id else None),
         )
@@ -237,6 +239,8 @@ def _attempt(log: Log, result: _Result, action: Action, step: Callable[[], None]
         step()
     except Leased as exc:
         _busy(log, result, action, exc.holders)
+    except Pending as exc:  # downloading beside the loop: not a failure, not done
+        result.skipped.append((action, str(exc)))
     except Changed as exc:
         log.warning("model.changed", model=action.name, action=action.kind.value, reason=str(exc))
         result.skipped.append((action, str(exc)))
@@ -329,10 +333,11 @@ def _act(
     stop: Callable[[], bool] | None,
     dir_fd: int | None = None,
     progress: Progress | None = None,
+    fetch: Fetch | None = None,
 ) -> tuple[_Result, HandleIndex]:
     result = _Result()
     try:
-        acting = _Acting(root, log=log, now=clock(), dir_fd=dir_fd, progress=progress)
+        acting = _Acting(root, log=log, now=clock(), dir_fd=dir_fd, progress=progress, fetch=fetch)
     except OSError as exc:
         log.error("action.failed", model=root, action="open model dir", error=str(exc))
         result.failed.extend((a, str(exc)) for a in actions)
@@ -378,12 +383,14 @@ def apply(
     stop: Callable[[], bool] | None = None,
     dir_fd: int | None = None,
     progress: Progress | None = None,
+    fetch: Fetch | None = None,
 ) -> Outcome:
     """Run the engine cycle around *plan*'s actions; see the module docstring.
 
     *dir_fd*: the model dir as the cycle opened (and scanned) it; every action
     is relative to it. *progress* is called while a restore copies (it may
-    raise to stop, and keeps the watchdog fed).
+    raise to stop, and keeps the watchdog fed). *fetch* stages each restore's model
+    (ocrd.act.fetching.Fetcher: now; the daemon's: beside the loop).
     """
     root = str(root)
     actions = plan.actions
@@ -409,6 +416,7 @@ def apply(
         stop=stop,
         dir_fd=dir_fd,
         progress=progress,
+        fetch=fetch,
     )
 
     engine_error = None

@@ -67,25 +67,33 @@ def _held(
 
 
 def recover(
-    root: str, log: Log, *, names: Iterable[str] | None = None, dir_fd: int | None = None
+    root: str,
+    log: Log,
+    *,
+    names: Iterable[str] | None = None,
+    dir_fd: int | None = None,
+    keep: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Finish or roll back what a crash left behind; returns what was cleaned.
 
     *names*: the model dir's entries if the caller has just listed them (those
     starting with `.ocrd-` are enough). *dir_fd*: the model dir as the cycle
-    opened it; everything is done relative to it.
+    opened it; everything is done relative to it. *keep*: downloads to resume
+    (`.ocrd-tmp-dl-*` of models still to be restored from the network).
     """
     with borrowed_dir(root, dir_fd) as fd:
-        return _recover(root, fd, log, names)
+        return _recover(root, fd, log, names, keep)
 
 
-def _recover(root: str, fd: int, log: Log, names: Iterable[str] | None) -> list[str]:
+def _recover(
+    root: str, fd: int, log: Log, names: Iterable[str] | None, keep: frozenset[str]
+) -> list[str]:
     cleaned = []
     if names is None:
         with os.scandir(fd) as it:
             names = [c.name for c in it]
     prefixes = (TMP_PREFIX, DELETING_PREFIX)
-    leftovers = sorted(n for n in names if n.startswith(prefixes))
+    leftovers = sorted(n for n in names if n.startswith(prefixes) and n not in keep)
     held, tops = _held(root, fd, leftovers) if leftovers else ({}, {})
     for name in leftovers:
         if name in held:

@@ -19,7 +19,8 @@ from pydantic_settings import SettingsError
 from ocrd.config import settings, yamlsafe
 from ocrd.config.messages import FIX, Origins, key_path, misread, pydantic_message, variable_shape
 from ocrd.core.errors import PolicyError, Problem
-from ocrd.core.policy import Loc, Policy, cross_check, prefix_warnings
+from ocrd.core.policy import Loc, Policy, Required, cross_check, prefix_warnings
+from ocrd.core.sources import SourceKind, parse_source
 from ocrd.openfile import NotRegularError, read_regular
 
 DEFAULT_PATH = Path("/etc/ocrd/policy.yaml")
@@ -161,6 +162,24 @@ def _default_state_dir() -> tuple[Path, str]:
     return Path(os.path.expanduser("~")) / ".local" / "state" / "ocrd", "the home directory"
 
 
+def _local(text: str, base: Path) -> str:
+    """A local source made absolute against the policy file's directory; others as they are."""
+    source = parse_source(text)
+    local = source.path if source.kind is SourceKind.LOCAL else None
+    if local is not None and not local.is_absolute():  # a file:// URL always is
+        return str((base / local).resolve())
+    return text
+
+
+def _resolve_sources(item: Required, base: Path) -> Required:
+    update: dict[str, object] = {}
+    if item.source is not None:
+        update["source"] = _local(item.source, base)
+    if item.sources:
+        update["sources"] = [_local(t, base) for t in item.sources]
+    return item.model_copy(update=update) if update else item
+
+
 def _resolve(policy: Policy, origins: Origins) -> Policy:
     path = origins.path
     base = path.resolve().parent
@@ -197,11 +216,12 @@ def _resolve(policy: Policy, origins: Origins) -> Policy:
                     f"change {origin}.",
                 )
             )
-    required = []
-    for item in policy.required:
-        if item.source is not None and not item.source.is_absolute():
-            item = item.model_copy(update={"source": (base / item.source).resolve()})
-        required.append(item)
+    required = [_resolve_sources(item, base) for item in policy.required]
+    download = policy.download
+    for key in ("netrc", "ca_bundle"):
+        value = getattr(download, key)
+        if value is not None and not value.is_absolute():
+            download = download.model_copy(update={key: (base / value).resolve()})
     runtime = policy.engine.runtime_dir
     engine = policy.engine
     if runtime is not None and not runtime.is_absolute():
@@ -216,6 +236,7 @@ def _resolve(policy: Policy, origins: Origins) -> Policy:
             "state_dir": state_dir,
             "required": required,
             "engine": engine,
+            "download": download,
         }
     )
 

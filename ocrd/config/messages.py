@@ -353,9 +353,42 @@ def variable_shape(name: str) -> str | None:
     return None
 
 
+# The OCR-D framework's documented variables (its command is also `ocrd`, on the same
+# servers): never "did you mean" one of ocrd's, even where they look alike
+# (OCRD_DOWNLOAD_RETRIES is OCR-D's; ocrd's is OCRD_DOWNLOAD__RETRIES).
+OCR_D_VARIABLES = frozenset(
+    {
+        "OCRD_METS_CACHING",
+        "OCRD_MAX_PROCESSOR_CACHE",
+        "OCRD_MAX_PARALLEL_PAGES",
+        "OCRD_PROCESSING_PAGE_TIMEOUT",
+        "OCRD_PROFILE",
+        "OCRD_PROFILE_FILE",
+        "OCRD_DOWNLOAD_RETRIES",
+        "OCRD_DOWNLOAD_TIMEOUT",
+        "OCRD_DOWNLOAD_INPUT",
+        "OCRD_MISSING_INPUT",
+        "OCRD_MISSING_OUTPUT",
+        "OCRD_EXISTING_OUTPUT",
+        "OCRD_NETWORK_SERVER_ADDR_PROCESSING",
+        "OCRD_NETWORK_SERVER_ADDR_WORKFLOW",
+        "OCRD_NETWORK_SERVER_ADDR_WORKSPACE",
+        "OCRD_NETWORK_RABBITMQ_CLIENT_CONNECT_ATTEMPTS",
+        "OCRD_NETWORK_SOCKETS_ROOT_DIR",
+        "OCRD_NETWORK_LOGS_ROOT_DIR",
+        "OCRD_LOGGING_DEBUG",
+    }
+)
+
+
 def ignored_note(name: str) -> str:
     """The `ocrd check` line for an OCRD_* variable that names no policy key."""
     upper = name.upper()
+    if upper in OCR_D_VARIABLES:
+        return (
+            f"ignored environment variable {name}: it names no policy key "
+            "(left to other programs, such as OCR-D)"
+        )
     choices = [variable((key,)) for key in Policy.model_fields]
     for key, model in _sections():
         if key:

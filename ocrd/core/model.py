@@ -143,9 +143,10 @@ class Action(NamedTuple):
     bytes: int = 0
     entry: Entry | None = None  # what the target looked like when planned (None: absent)
     mode: str = ""  # prune: quarantine | delete
-    source: str | None = None  # restore: where from
+    source: str | None = None  # restore: where from (the first of sources)
     sha256: str | None = None  # restore: the pin to verify
     trash_id: str | None = None  # purge: which trash item
+    sources: tuple[str, ...] = ()  # restore: every source, in the order to try
 
 
 class ReportKind(str, Enum):

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 OWN_PREFIX = ".ocrd-"  # every name ocrd itself makes in the model dir
 TMP_PREFIX = OWN_PREFIX + "tmp-"  # a restore being copied in; rolled back after a crash
+# A download of a required model, one name per model: kept across a restart while
+# that model is still to be restored from the network (the next start resumes it).
+DOWNLOAD_PREFIX = TMP_PREFIX + "dl-"
 DELETING_PREFIX = OWN_PREFIX + "deleting-"  # a delete target out of its name (two-phase)
 TRASH = OWN_PREFIX + "trash"  # the quarantine: one batch directory per cycle
 LOCK = OWN_PREFIX + "lock"  # one ocrd per model dir

@@ -27,6 +27,7 @@ from ocrd.core.model import (
     Snapshot,
 )
 from ocrd.core.policy import Policy, Required, format_duration, human_age
+from ocrd.core.sources import Source
 
 
 def _glob_regex(globs: Sequence[str]) -> Callable[[str], re.Match[str] | None] | None:
@@ -137,6 +138,12 @@ def _corrupt_reason(entry: Entry, pin: str) -> str:
     return f"sha256 {entry.sha256[:12]}… differs from pin {pin[:12]}…"
 
 
+def _where(sources: Sequence[Source]) -> str:
+    first = sources[0].text
+    more = len(sources) - 1
+    return first if not more else f"{first} (or {more} more mirror{'s' if more > 1 else ''})"
+
+
 def _restore(
     item: Required,
     state: str,
@@ -146,7 +153,8 @@ def _restore(
     actions: list[Action],
 ) -> None:
     """A restore of a missing or corrupt required model, if it has a source and is not held."""
-    if item.source is None:
+    sources = item.fetch_from()
+    if not sources:
         return
     if item.name in hold:
         reports.append(Report(kind=ReportKind.HELD, name=item.name, reason=hold[item.name]))
@@ -155,10 +163,11 @@ def _restore(
         Action(
             kind=ActionKind.RESTORE,
             name=item.name,
-            reason=f"{state}; restore from {item.source}",
+            reason=f"{state}; restore from {_where(sources)}",
             rule="required",
             entry=entry,
-            source=str(item.source),
+            source=sources[0].text,
+            sources=tuple(s.text for s in sources),
             sha256=item.sha256,
         )
     )

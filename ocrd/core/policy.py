@@ -19,7 +19,10 @@ from pydantic import (
     Field,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
+
+from ocrd.core.sources import Source, parse_source
 
 MAX_DURATION = 10 * 365 * 86400.0  # ten years: anything longer is a typo
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -204,9 +207,14 @@ class Required(_Strict):
     sha256: str | None = Field(
         default=None, description="Optional pin: hex sha256 of the file, verified and cached."
     )
-    source: Path | None = Field(
+    source: str | None = Field(
         default=None,
-        description="Optional file to restore the model from (relative: to the policy file).",
+        description="Optional: where to restore it from; a file path (relative: to the "
+        "policy file), an http(s):// URL, or hf://OWNER/REPO[@REVISION]/PATH.",
+    )
+    sources: list[str] = Field(
+        default_factory=list,
+        description="Optional mirrors, tried in order (instead of source).",
     )
 
     @field_validator("name")
@@ -226,10 +234,36 @@ class Required(_Strict):
 
     @field_validator("source")
     @classmethod
-    def _source(cls, value: Path | None) -> Path | None:
-        if value is not None and "\x00" in str(value):
-            raise ValueError("a path cannot contain a NUL byte")
+    def _source(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_source(value)  # raises with what is wrong and the forms there are
         return value
+
+    @field_validator("sources")
+    @classmethod
+    def _sources(cls, value: list[str]) -> list[str]:
+        for i, text in enumerate(value):
+            try:
+                parse_source(text)
+            except ValueError as exc:
+                raise ValueError(f"sources[{i}]: {exc}") from None
+        if len(set(value)) != len(value):
+            raise ValueError("a mirror is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _one_way(self) -> Required:
+        if self.source is not None and self.sources:
+            raise ValueError(
+                "source and sources are both set; list every mirror under sources "
+                "(tried in order) and drop source"
+            )
+        return self
+
+    def fetch_from(self) -> tuple[Source, ...]:
+        """Where to restore this model from, in the order to try; () if nowhere."""
+        texts = [self.source] if self.source is not None else self.sources
+        return tuple(parse_source(t) for t in texts)
 
 
 def plain_name(value: Any) -> Any:
@@ -294,6 +328,33 @@ class EngineSettings(_Strict):
     )
 
 
+class Download(_Strict):
+    """How remote sources are fetched (http(s):// and hf://)."""
+
+    netrc: Path | None = Field(
+        default=None,
+        description="Optional netrc file with HTTP credentials per host (never inline in "
+        "the policy; relative: to the policy file).",
+    )
+    ca_bundle: Path | None = Field(
+        default=None,
+        description="Optional PEM file of CA certificates to trust instead of the system's.",
+    )
+    connect_timeout: PositiveDuration = Field(
+        default=10.0, description="Give up connecting after this long (then retry)."
+    )
+    read_timeout: PositiveDuration = Field(
+        default=60.0, description="Give up on a server silent for this long (then retry)."
+    )
+    retries: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="Retries (with backoff) after network errors and 5xx answers.",
+    )
+    max_redirects: int = Field(default=5, ge=0, le=30, description="Redirects followed at most.")
+
+
 class Reconcile(_Strict):
     """When the daemon runs a cycle."""
 
@@ -353,6 +414,9 @@ class Policy(_Strict):
         default_factory=Reconcile, description="When the daemon runs a cycle."
     )
     log: Log = Field(default_factory=Log, description="Log format and level.")
+    download: Download = Field(
+        default_factory=Download, description="How http(s):// and hf:// sources are fetched."
+    )
 
     @field_validator("model_dir", "state_dir", mode="before")
     @classmethod

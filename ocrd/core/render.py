@@ -104,6 +104,7 @@ def plan_json(root: str, plan: Plan) -> dict[str, Any]:
                 "bytes": a.bytes,
                 "mode": a.mode or None,
                 "source": a.source,
+                "sources": list(a.sources),
                 "trash_id": a.trash_id,
             }
             for a in plan.actions

@@ -25,6 +25,7 @@ from ocrd.core.plan import count_models, next_due
 from ocrd.cycle import CycleResult, run_cycle
 from ocrd.daemon import reload, status
 from ocrd.daemon.backoff import Backoff, delay_after
+from ocrd.daemon.downloads import Downloads
 from ocrd.daemon.flapping import Flapping
 from ocrd.daemon.lock import DirLock
 from ocrd.daemon.supervisor import EngineSupervisor
@@ -33,12 +34,14 @@ from ocrd.daemon.view import ViewGuard
 from ocrd.daemon.watcher import Watcher
 from ocrd.engine.auto import make_engine
 from ocrd.engine.base import EngineError
+from ocrd.fetch.transport import Settings
 from ocrd.observe.handles import deleted_held, visibility
 from ocrd.openfile import NotRegularError
 
 DEBOUNCE_CAP = 5  # a cycle at least every 5 debounce periods under constant writes
 BUSY_RETRY = 10.0  # seconds before a busy model is tried again
 MIN_SLEEP = 0.05
+DOWNLOAD_STATUS_EVERY = 2.0  # seconds between status writes while a download runs
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -86,6 +89,8 @@ class Daemon:
         self._lock_id: tuple[int, int] | None = None
         self._visibility: tuple[int, int] | None = None
         self._unseen: tuple[str, ...] = ()  # what the last scan could not look at
+        # Restores from the network, beside the loop; a finished one wakes it.
+        self.downloads = Downloads(log=self.log, wake=self._on_models, progress=self._keepalive)
         self.loaded: LoadedPolicy
         self.engine: EngineSupervisor
         self.watcher: Watcher
@@ -131,9 +136,14 @@ class Daemon:
             if remaining <= 0:
                 return False
             chunk = remaining if self._watchdog is None else min(remaining, self._watchdog)
+            downloading = bool(self.downloads.in_progress())
+            if downloading:
+                chunk = min(chunk, DOWNLOAD_STATUS_EVERY)
             if self._wake.wait(chunk):
                 return True
             self._ping()
+            if downloading:
+                self._write_status()  # bytes done so far, for `ocrd status`
 
     def _debounce(self) -> None:
         """Let a burst of events settle for `debounce`, but no longer than the cap."""
@@ -198,6 +208,7 @@ class Daemon:
 
     def _shutdown(self) -> None:
         self.notify.stopping()
+        self.downloads.stop()  # at once: what landed stays, the next start resumes it
         self.watcher.stop()
         self.engine.release()
         self._write_status(word="stopped")
@@ -413,6 +424,7 @@ class Daemon:
                 self._suspect(str(exc))
                 return
         self._dir.succeeded()
+        self.downloads.settings = Settings.of(policy.download)
         try:
             result = run_cycle(
                 policy,
@@ -422,6 +434,7 @@ class Daemon:
                 gate=self._gate,
                 stop=self._stop_now,
                 progress=self._keepalive,
+                fetch=self.downloads,
             )
         except Interrupted as exc:
             self.log.info("cycle.interrupted", reason=str(exc))
@@ -493,6 +506,7 @@ class Daemon:
             engine=self.engine.engine.name,
             handles=self._handles(),
             notify_dropped=self.notify.dropped,
+            downloads=self.downloads.in_progress(),
         )
         error = status.write(status.status_dir(policy.state_dir) / status.STATUS_NAME, doc)
         if error:

@@ -127,6 +127,7 @@ def document(
     engine: str,
     handles: tuple[int, int],
     notify_dropped: int = 0,
+    downloads: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The whole status document (schema 1); *word* is "running" or "stopped"."""
     reasons = degraded(state)
@@ -157,6 +158,7 @@ def document(
     doc["deleted_held"] = [row.as_dict() for row in state.deleted_held]
     doc["pinned_bytes"] = pinned_bytes(state.deleted_held)
     doc["notify_dropped"] = notify_dropped
+    doc["downloads"] = list(downloads or [])
     return doc
 
 

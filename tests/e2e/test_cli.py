@@ -469,7 +469,9 @@ def test_plan_json_has_the_documented_schema(run_ocrd, root):
         False,
         [],
     )
-    action_keys = {"action", "model", "reason", "rule", "bytes", "mode", "source", "trash_id"}
+    action_keys = {
+        "action", "model", "reason", "rule", "bytes", "mode", "source", "sources", "trash_id"
+    }  # fmt: skip
     assert all(set(a) == action_keys for a in doc["actions"])
     actions = {a["action"]: a for a in doc["actions"]}
     assert set(actions) == {"restore", "prune", "purge"}

@@ -137,8 +137,8 @@ def test_relative_source_is_resolved_against_the_policy_file(
     monkeypatch.chdir(tmp_path / "conf" / "models")
     required = load_policy(path).policy.required
     assert [r.source for r in required] == [
-        real(tmp_path / "mirror" / "a.bin"),
-        Path("/abs/b.bin"),
+        str(real(tmp_path / "mirror" / "a.bin")),
+        "/abs/b.bin",
         None,
     ]
 

@@ -254,7 +254,7 @@ def test_the_design_example_validates() -> None:
         "en_ocr_v1.bin",
         "Qwen2.5-3B-Instruct-Q4_K_M.gguf",
     ]
-    assert policy.required[0].source == Path("/srv/model-mirror/en_ocr_v1.bin")
+    assert policy.required[0].source == "/srv/model-mirror/en_ocr_v1.bin"
     assert policy.pins() == {"en_ocr_v1.bin": SHA}
     assert policy.prune.prefixes == ["old_", "tmp_"]
     assert policy.reconcile.resync == 300.0
