@@ -38,7 +38,7 @@ from ocrd.core.names import DOWNLOAD_PREFIX, TMP_PREFIX
 from ocrd.core.sources import Source, SourceKind, parse_source
 from ocrd.fetch.transport import Cancelled, FetchError, Settings, redact
 from ocrd.observe.hashing import Progress
-from ocrd.openfile import NotRegularError, give_to_owner_of, open_regular
+from ocrd.openfile import NotRegularError, give_to_owner_of, mount_id, open_regular
 
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 RECORD = "user.ocrd.download"  # the extended attribute of a partial download
@@ -157,6 +157,8 @@ def _open_partial(dir_fd: int, name: str) -> int:
             raise ActionError(
                 f"{name} is not a download of ocrd's (not a plain file of its own); left as it is"
             )
+        if mount_id(fd) not in (None, mount_id(dir_fd)):  # a file bind-mounted over it
+            raise ActionError(f"{name} is a mount point, not a download of ocrd's; left as it is")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -203,7 +203,10 @@ def fetch_body(
         failures += 1
         transfer.retries = failures
         if failures > transport.settings.retries:
-            raise FetchError(f"{error}; gave up after {failures - 1} retries (download.retries)")
+            # Still worth trying later (and what landed is kept for that): retry=True.
+            raise FetchError(
+                f"{error}; gave up after {failures - 1} retries (download.retries)", retry=True
+            )
         transport.backoff(failures, error.wait)
 
 

@@ -22,11 +22,12 @@ import errno
 import netrc
 import os
 import random
+import ssl
 import stat
 import threading
 import urllib.parse
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -177,17 +178,23 @@ def basic_auth(login: str, password: str) -> str:
     return f"Basic {token}"
 
 
-def _sandbox_errno(exc: BaseException) -> int | None:
-    """The errno of the OSError somewhere under *exc*, if it is one a sandbox gives."""
+def _os_errnos(exc: BaseException) -> Iterator[int]:
+    """The errnos of the OSErrors under *exc*, outermost first. An ssl.SSLError's errno
+    is OpenSSL's (1 is a failed verification, not EPERM): skipped."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        code = getattr(current, "errno", None)
-        if isinstance(code, int) and code in _SANDBOX_ERRNOS:
-            return code
+        if isinstance(current, OSError) and not isinstance(current, ssl.SSLError):
+            code = current.errno
+            if isinstance(code, int):
+                yield code
         current = current.__cause__ or current.__context__
-    return None
+
+
+def _sandbox_errno(exc: BaseException) -> int | None:
+    """The errno under *exc* that a network sandbox gives, if there is one."""
+    return next((code for code in _os_errnos(exc) if code in _SANDBOX_ERRNOS), None)
 
 
 def network_blocked() -> bool:
@@ -207,6 +214,11 @@ def describe(exc: BaseException, url: str) -> FetchError:
     import urllib3.exceptions as u3
 
     host = urllib.parse.urlsplit(url).hostname or url
+    if isinstance(exc, u3.SSLError):
+        return FetchError(
+            f"TLS with {host} failed ({_reason(exc)}); if the server uses a private CA, "
+            "name its certificate in download.ca_bundle"
+        )
     code = _sandbox_errno(exc)
     if code in (errno.EPERM, errno.EACCES, errno.EAFNOSUPPORT):
         return FetchError(f"connecting to {host} was refused by the system: {NETWORK_HINT}")
@@ -218,11 +230,16 @@ def describe(exc: BaseException, url: str) -> FetchError:
         if network_blocked():
             return FetchError(f"cannot reach {host}: {NETWORK_HINT}")
         return FetchError(f"cannot reach {host} ({os.strerror(code)})", retry=True)
-    if isinstance(exc, u3.SSLError):
-        return FetchError(
-            f"TLS with {host} failed ({_reason(exc)}); if the server uses a private CA, "
-            "name its certificate in download.ca_bundle"
-        )
+    if isinstance(exc, u3.NewConnectionError):  # a subclass of ConnectTimeoutError
+        found = next(_os_errnos(exc), None)
+        if found == errno.ECONNREFUSED:
+            port = urllib.parse.urlsplit(url).port
+            at = f" on port {port}" if port else ""
+            return FetchError(f"{host} refused the connection (nothing listens{at})", retry=True)
+        if found == errno.ETIMEDOUT:
+            return FetchError(f"connecting to {host} timed out", retry=True)
+        why = os.strerror(found) if found else _reason(exc)
+        return FetchError(f"cannot connect to {host} ({why})", retry=True)
     if isinstance(exc, u3.ConnectTimeoutError):
         return FetchError(f"connecting to {host} timed out", retry=True)
     if isinstance(exc, u3.ReadTimeoutError):
