@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from ocrd import statefile
 from ocrd.core.model import ReportKind
+from ocrd.core.render import human_bytes
 from ocrd.daemon.backoff import Backoff
 from ocrd.daemon.view import ViewGuard
 from ocrd.observe.handles import DeletedHeld, pinned_bytes
@@ -208,6 +209,10 @@ def _when(ts: Any) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
+def _size(n: Any) -> str:
+    return human_bytes(n) if isinstance(n, int) else "?"
+
+
 def summary(doc: dict[str, Any], *, running: bool, path: Path) -> str:
     """A few human lines from a status document."""
     state = "running" if running else "NOT RUNNING (stale status)"
@@ -237,6 +242,13 @@ def summary(doc: dict[str, Any], *, running: bool, path: Path) -> str:
         lines.append(
             f"handle check: inspects {handles.get('inspected')} of "
             f"{handles.get('processes')} processes"
+        )
+    for row in doc.get("downloads", []) or []:
+        done, total = row.get("done") or 0, row.get("total")
+        share = f" ({100 * done // total}%)" if isinstance(total, int) and total > 0 else ""
+        of = f" of {_size(total)}" if isinstance(total, int) else ""
+        lines.append(
+            f"downloading: {row.get('model')} from {row.get('source')}: {_size(done)}{of}{share}"
         )
     for row in doc.get("deleted_held", []) or []:
         lines.append(

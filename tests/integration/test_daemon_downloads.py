@@ -129,7 +129,12 @@ def server() -> Iterator[ModelServer]:
 
 
 def test_a_stalled_download_holds_up_nothing_else_and_lands_when_released(
-    daemons: Daemons, server: ModelServer, models: Path, policy: Path, status_file: Path
+    daemons: Daemons,
+    server: ModelServer,
+    models: Path,
+    policy: Path,
+    status_file: Path,
+    denv: dict[str, str],
 ) -> None:
     """The cycle that starts the download prunes `old_x.bin` in the same pass; status
     shows the bytes so far; once the server sends the rest the model is linked in place."""
@@ -163,6 +168,11 @@ def test_a_stalled_download_holds_up_nothing_else_and_lands_when_released(
     assert 0 < shown["done"] <= point
     assert shown["total"] == len(body)
     assert isinstance(shown["started"], float)
+    # `ocrd status` says so in words: what, from where, how far.
+    said = ocrd("--config", policy, "status", env=denv)
+    line = [x for x in said.stdout.splitlines() if x.startswith("downloading: ")]
+    assert line and line[0].startswith(f"downloading: {MODEL} from {server.url(PATH)}: "), said
+    assert line[0].endswith("%)"), said
     assert not daemon.seen("model.restored"), daemon
     assert not (models / MODEL).exists()
     assert daemon.alive()
