@@ -995,3 +995,53 @@ def test_a_disk_filling_up_mid_download_removes_the_partial(
     vfs = os.statvfs(models)
     assert vfs.f_bfree * vfs.f_frsize >= 1 * MiB - 64 * 1024  # the space is given back
     assert len(gets(server)) == 1  # not retried: the disk is still full
+
+
+# -- progress on a terminal -----------------------------------------------------------------
+
+
+def test_a_big_download_shows_progress_on_a_terminal_only(
+    run: Callable[..., Result],
+    server: ModelServer,
+    models: Path,
+    policy: Path,
+    net_env: dict[str, str],
+) -> None:
+    """Over 256 MiB, `ocrd apply` on a terminal shows "downloading NAME: N% of …" on
+    stderr; in a pipe it prints nothing of the kind."""
+    import pty
+
+    big = os.urandom(300 * MiB)
+    server.serve(PATH, big)
+    p = write(policy, models, required(sha256=sha(big), source=server.url(PATH)))
+    piped = run("--config", p, "apply")
+    assert piped.code == 0, piped
+    assert "downloading" not in piped.err
+    (models / NAME).unlink()
+    leader, follower = pty.openpty()
+    seen = b""
+    try:
+        proc = subprocess.Popen(
+            [OCRD, "--config", str(p), "apply"],
+            stdout=subprocess.DEVNULL,
+            stderr=follower,
+            env=net_env,
+        )
+        os.close(follower)
+        follower = -1
+        while True:  # read while it runs: a full terminal buffer would hold it up
+            try:
+                got = os.read(leader, 4096)
+            except OSError:  # EIO: the other side is closed and drained
+                break
+            if not got:
+                break
+            seen += got
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if follower != -1:
+            os.close(follower)
+        os.close(leader)
+    assert b"downloading m.bin: " in seen, seen[-500:]
+    assert b"100% of 0.3 GiB" in seen, seen[-500:]
+    assert sha((models / NAME).read_bytes()) == sha(big)
