@@ -123,6 +123,8 @@ class Classified(NamedTuple):
     rule: str
     entry: Entry | ListedEntry | None = None
     pin: Pin = Pin.NONE
+    family: str | None = None  # the version family it belongs to (`versions[].match`)
+    rank: int = 0  # its place there, 1 = the newest
 
 
 class ActionKind(str, Enum):

@@ -28,6 +28,7 @@ from ocrd.core.model import (
 )
 from ocrd.core.policy import Policy, Required, format_duration, human_age
 from ocrd.core.sources import Source
+from ocrd.core.versions import Families
 
 
 def _glob_regex(globs: Sequence[str]) -> Callable[[str], re.Match[str] | None] | None:
@@ -99,6 +100,16 @@ def classify(policy: Policy, entry: Entry | ListedEntry) -> Classified:
     return Classifier(policy)(entry)
 
 
+def families(policy: Policy) -> Families:
+    return Families([(v.match, v.keep) for v in policy.versions])
+
+
+def classify_all(policy: Policy, entries: Sequence[Entry | ListedEntry]) -> list[Classified]:
+    """Every entry classified (DESIGN §3), then the version families ranked: an entry's
+    class may depend on the others of its family."""
+    return families(policy).rank(list(map(Classifier(policy), entries)))
+
+
 def count_models(policy: Policy, snapshot: Snapshot) -> int:
     """Entries that are models: everything not ignored (Plan.models, without planning)."""
     classify_one = Classifier(policy)
@@ -108,14 +119,20 @@ def count_models(policy: Policy, snapshot: Snapshot) -> int:
 def may_act_on(policy: Policy) -> Callable[[str], bool] | None:
     """Which names reconcile may need the size and times of (None: every name).
 
-    A superset of the entries it can act on: a required name or a name with a
-    prune prefix. Any other entry can only be ignored, allowed or reported as
-    unmanaged, for which its name is enough, unless `unmanaged: prune`.
+    A superset of the entries it can act on: a required name, a name with a
+    prune prefix, or one of a version family. Any other entry can only be
+    ignored, allowed or reported as unmanaged, for which its name is enough,
+    unless `unmanaged: prune`.
     """
     if policy.unmanaged == "prune":
         return None
     required = frozenset(item.name for item in policy.required)
     prefixes = tuple(policy.prune.prefixes)
+    family = families(policy)
+    if family:
+        return lambda name: (
+            name.startswith(prefixes) or name in required or family.member(name) is not None
+        )
     return lambda name: name.startswith(prefixes) or name in required
 
 
@@ -191,7 +208,7 @@ def reconcile(
     """
     hold = hold or {}
     entries = sorted(snapshot.entries, key=_by_name)
-    classified = list(map(Classifier(policy), entries))
+    classified = classify_all(policy, entries)
     reports: list[Report] = []
     actions: list[Action] = []
     errors: list[str] = []
@@ -328,11 +345,10 @@ def next_due(policy: Policy, snapshot: Snapshot, *, now: float) -> float | None:
     The daemon sleeps until then instead of polling.
     """
     times: list[float] = []
-    classify_one = Classifier(policy)
-    for entry in snapshot.entries:
+    for c in classify_all(policy, snapshot.entries):
+        entry = c.entry
         if not isinstance(entry, Entry):
             continue  # listed only: no rule acts on it
-        c = classify_one(entry)
         if c.cls is Class.PRUNE or (c.cls is Class.UNMANAGED and policy.unmanaged == "prune"):
             due = entry.mtime + policy.prune.min_age
             if due > now:

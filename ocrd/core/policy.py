@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from ocrd.core.sources import Source, parse_source
+from ocrd.core.versions import check_match
 
 MAX_DURATION = 10 * 365 * 86400.0  # ten years: anything longer is a typo
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
@@ -306,6 +307,21 @@ class Prune(_Strict):
     )
 
 
+class Versions(_Strict):
+    """One version family: keep the newest `keep` of the names `match` describes."""
+
+    match: Annotated[str, AfterValidator(check_match)] = Field(
+        description="An entry name with {version} where the version goes, e.g. "
+        "'en_ocr_v{version}.bin'; versions compare naturally (v10 > v9, 1.10 > 1.9)."
+    )
+    keep: int = Field(
+        ge=1,
+        le=1_000_000,
+        description="The newest this many are kept (required and whitelisted ones count); "
+        "older ones are pruned like any prune candidate.",
+    )
+
+
 class Quarantine(_Strict):
     """How long pruned models stay restorable in model_dir/.ocrd-trash/."""
 
@@ -396,6 +412,10 @@ class Policy(_Strict):
         default_factory=list, description="Globs on entry names that are never touched."
     )
     prune: Prune = Field(default_factory=Prune, description="Which stale models go, and how.")
+    versions: list[Versions] = Field(
+        default_factory=list,
+        description="Version families: the newest N of each are kept, older ones pruned.",
+    )
     unmanaged: Literal["report", "prune"] = Field(
         default="report", description="What to do with entries that match nothing."
     )
@@ -504,6 +524,13 @@ def conflicts(policy: Policy) -> list[str]:
                 found.append(
                     f"required {item.name!r} starts with prune prefix {prefix!r}; "
                     "it is protected and never pruned"
+                )
+        for family in policy.versions:
+            head = family.match.partition("{version}")[0]
+            if head.startswith(prefix) or prefix.startswith(head):
+                found.append(
+                    f"version family {family.match!r} overlaps prune prefix {prefix!r}; "
+                    f"the newest {family.keep} of the family are kept even so"
                 )
         for glob in policy.whitelist:
             if glob.startswith(prefix) or fnmatch.fnmatchcase(prefix, glob):

@@ -11,6 +11,7 @@ from typing import Any
 
 from ocrd.core.model import Class, Classified, Entry, Plan, ReportKind, TrashItem
 from ocrd.core.policy import human_age
+from ocrd.core.versions import family_note
 
 SCHEMA = 1
 
@@ -66,6 +67,8 @@ def models_json(root: str, classified: Sequence[Classified], *, now: float) -> d
                 "mtime": None if entry is None else iso(entry.mtime),
                 "age_seconds": None if entry is None else round(_age(entry, now), 3),
                 "pin": c.pin.value if c.cls is Class.REQUIRED else None,
+                "family": c.family,
+                "rank": c.rank or None,
             }
         )
     return {"schema": SCHEMA, "model_dir": root, "models": models}
@@ -80,7 +83,7 @@ def models_table(classified: Sequence[Classified], *, now: float) -> str:
             [
                 c.name,
                 c.cls.value,
-                c.rule,
+                family_note(c),
                 c.entry.kind.value if c.entry else "-",
                 "-" if entry is None else human_bytes(entry.size),
                 "-" if entry is None else human_age(_age(entry, now)),
