@@ -22,6 +22,7 @@ import errno
 import netrc
 import os
 import random
+import socket
 import ssl
 import stat
 import threading
@@ -48,8 +49,9 @@ NETWORK_HINT = (
     "the drop-in systemd/ocrd-network.conf with their addresses (README, 'Sources on "
     "the network')"
 )
-# Errors of socket(2)/connect(2) that a network sandbox gives: IPAddressDeny= (EPERM
-# from the cgroup filter), PrivateNetwork= (no route: only the loopback device exists).
+# Errors of socket(2)/connect(2) that a network sandbox gives: PrivateNetwork= (no
+# route: only the loopback device exists), a seccomp or LSM refusal (EPERM, EACCES).
+# IPAddressDeny= only drops packets (a TCP connect times out): see address_filtered.
 # RestrictAddressFamilies=AF_UNIX: no IP socket at all (EAFNOSUPPORT).
 _SANDBOX_ERRNOS = frozenset(
     {errno.EPERM, errno.EACCES, errno.EAFNOSUPPORT, errno.ENETUNREACH, errno.EHOSTUNREACH}
@@ -197,6 +199,31 @@ def _sandbox_errno(exc: BaseException) -> int | None:
     return next((code for code in _os_errnos(exc) if code in _SANDBOX_ERRNOS), None)
 
 
+def address_filtered(url: str) -> bool:
+    """Whether the system drops what this process sends to *url*'s address.
+
+    systemd's IPAddressDeny= filters packets, not connect(2): a TCP connect to a
+    denied address just times out. A UDP datagram to it fails at once with EPERM,
+    so one empty datagram tells a filtered address from a slow one."""
+    parts = urllib.parse.urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError:
+        return False
+    for family, kind, proto, _, address in infos[:2]:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.sendto(b"", address)
+        except PermissionError:
+            return True
+        except OSError:
+            continue
+    return False
+
+
 def network_blocked() -> bool:
     """Whether this process's network namespace has nothing but the loopback device
     (PrivateNetwork=yes). /proc/net/dev lists the reader's own namespace."""
@@ -237,16 +264,22 @@ def describe(exc: BaseException, url: str) -> FetchError:
             at = f" on port {port}" if port else ""
             return FetchError(f"{host} refused the connection (nothing listens{at})", retry=True)
         if found == errno.ETIMEDOUT:
-            return FetchError(f"connecting to {host} timed out", retry=True)
+            return _timed_out(host, url)
         why = os.strerror(found) if found else _reason(exc)
         return FetchError(f"cannot connect to {host} ({why})", retry=True)
     if isinstance(exc, u3.ConnectTimeoutError):
-        return FetchError(f"connecting to {host} timed out", retry=True)
+        return _timed_out(host, url)
     if isinstance(exc, u3.ReadTimeoutError):
         return FetchError(f"{host} sent nothing for too long (download.read_timeout)", retry=True)
     if isinstance(exc, u3.ProxyError):
         return FetchError(f"the proxy for {host} failed ({_reason(exc)})", retry=True)
     return FetchError(f"the connection to {host} failed ({_reason(exc)})", retry=True)
+
+
+def _timed_out(host: str, url: str) -> FetchError:
+    if address_filtered(url):  # IPAddressDeny=: the packets are dropped, not refused
+        return FetchError(f"connecting to {host} was refused by the system: {NETWORK_HINT}")
+    return FetchError(f"connecting to {host} timed out", retry=True)
 
 
 def _reason(exc: BaseException) -> str:

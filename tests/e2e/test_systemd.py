@@ -12,9 +12,8 @@ import re
 import select
 import shutil
 import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from tests.support.cli import OCRD
-from tests.support.systemd import Machine, build_venv, can_boot, find_base_python
+from tests.support.systemd import Machine, can_boot
 from tests.support.wait import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,19 +85,6 @@ def test_unit_exposure_is_below_threshold(tmp_path: Path) -> None:
 
 
 # -- ocrd under a real systemd -------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def ocrd_venv() -> Iterator[Path]:
-    """A venv with ocrd installed (non-editable) on an interpreter ProtectHome= leaves visible."""
-    python = find_base_python()
-    if python is None:
-        pytest.skip("no Python >= 3.10 with venv outside /root, /home and the temp dirs")
-    where = Path(tempfile.mkdtemp(prefix="ocrd-e2e-venv-", dir="/var/tmp"))
-    try:
-        yield build_venv(where / "venv", python, [str(ROOT)])
-    finally:
-        shutil.rmtree(where, ignore_errors=True)
 
 
 @pytest.fixture
