@@ -340,10 +340,16 @@ def trash_restore(obj: _Context, name: str, as_name: str | None) -> None:
 
 def _warn_if_pruned_again(policy: Any, name: str) -> None:
     from ocrd.core.model import Class
-    from ocrd.core.plan import classify
+    from ocrd.core.plan import classify, classify_all, families
     from ocrd.observe.scan import stat_entry
 
-    verdict = classify(policy, stat_entry(str(policy.model_dir), name))
+    root = str(policy.model_dir)
+    verdict = classify(policy, stat_entry(root, name))
+    family = families(policy)
+    if family.member(name) is not None:  # its class depends on the family's other members
+        members = [n for n in os.listdir(root) if family.member(n) is not None]
+        ranked = classify_all(policy, [stat_entry(root, n) for n in members])
+        verdict = next((c for c in ranked if c.name == name), verdict)
     if verdict.cls is Class.PRUNE or (
         verdict.cls is Class.UNMANAGED and policy.unmanaged == "prune"
     ):

@@ -455,6 +455,11 @@ Loc = tuple[str | int, ...]
 def cross_check(policy: Policy) -> list[tuple[Loc, str]]:
     """Errors that involve more than one key, each with the key path to blame."""
     found: list[tuple[Loc, str]] = []
+    matches: set[str] = set()
+    for i, family in enumerate(policy.versions):
+        if family.match in matches:
+            found.append((("versions", i, "match"), f"{family.match!r} is listed twice"))
+        matches.add(family.match)
     seen: set[str] = set()
     for i, item in enumerate(policy.required):
         if item.name in seen:

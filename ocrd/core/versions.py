@@ -81,10 +81,14 @@ class Families:
 
     def member(self, name: str) -> tuple[Family, str] | None:
         """The first family *name* belongs to, and its version there."""
-        for family in self.families:
+        found = self._member(name)
+        return None if found is None else (self.families[found[0]], found[1])
+
+    def _member(self, name: str) -> tuple[int, str] | None:
+        for i, family in enumerate(self.families):
             found = family.regex.match(name)
             if found is not None:
-                return family, found.group("v")
+                return i, found.group("v")
         return None
 
     def rank(self, classified: list[Classified]) -> list[Classified]:
@@ -92,21 +96,20 @@ class Families:
         newest `keep` a prune candidate (unless required or whitelisted), within it kept."""
         if not self.families:
             return classified
-        members: dict[str, list[tuple[tuple[tuple[int, int, str], ...], str, int, str]]] = {}
+        members: dict[int, list[tuple[tuple[tuple[int, int, str], ...], str, int, str]]] = {}
         for i, c in enumerate(classified):
             if c.cls in (Class.IGNORED, Class.MISSING):
                 continue
-            belongs = self.member(c.name)
+            belongs = self._member(c.name)
             if belongs is None:
                 continue
-            family, version = belongs
-            members.setdefault(family.match, []).append((version_key(version), c.name, i, version))
+            index, version = belongs
+            members.setdefault(index, []).append((version_key(version), c.name, i, version))
         if not members:
             return classified
         out = list(classified)
-        by_match = {f.match: f for f in self.families}
-        for match, ranked in members.items():
-            family = by_match[match]
+        for index, ranked in members.items():
+            family = self.families[index]
             ranked.sort(reverse=True)  # newest first; the name breaks a tie
             for rank, (_, _, i, version) in enumerate(ranked, start=1):
                 out[i] = _ranked(out[i], family, rank, version)
