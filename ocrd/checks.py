@@ -58,8 +58,9 @@ def _source_findings(policy: Policy) -> list[Finding]:
 def remote_findings(policy: Policy) -> list[Finding]:
     """`ocrd check --sources`: ask every remote source whether it has the model, and
     what the Hub says its sha256 is (the pin to paste into the policy)."""
+    from ocrd.core.sources import redact
     from ocrd.fetch import hub
-    from ocrd.fetch.transport import FetchError, Settings, Transport, http_error, redact
+    from ocrd.fetch.transport import FetchError, Settings, Transport, http_error
 
     found: list[Finding] = []
     settings = Settings.of(policy.download)

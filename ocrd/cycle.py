@@ -150,6 +150,8 @@ def _cycle(
         elif report.kind is ReportKind.SUSPENDED:
             log.info("action.planned", model=report.name, reason=report.reason, suspended=True)
     if dry_run:
+        if isinstance(fetch, Deferring):  # a held-back view: no download goes on into it
+            fetch.defer((), fd)
         for action in plan.actions:
             log.info(
                 "action.planned",

@@ -46,6 +46,7 @@ from ocrd.core.model import (
     TrashItem,
 )
 from ocrd.core.names import DELETING_PREFIX, TRASH
+from ocrd.core.sources import shown
 from ocrd.engine.base import Engine
 from ocrd.fetch.transport import Settings
 from ocrd.observe.handles import HandleIndex, Holder
@@ -193,7 +194,7 @@ class _Acting:
             reason=action.reason,
             bytes=staged.size,
             sha256=staged.sha256,
-            source=staged.source,
+            source=shown(staged.source),
             dest=action.name,
             replaced=(f"{TRASH}/{old_id}" if old_id else None),
         )

@@ -35,8 +35,8 @@ from ocrd.act.landing import Chaser, copy_into
 from ocrd.core.errors import Interrupted
 from ocrd.core.model import Action
 from ocrd.core.names import DOWNLOAD_PREFIX, TMP_PREFIX
-from ocrd.core.sources import Source, SourceKind, parse_source
-from ocrd.fetch.transport import Cancelled, FetchError, Settings, redact
+from ocrd.core.sources import Source, SourceKind, parse_source, redact, shown
+from ocrd.fetch.transport import Cancelled, FetchError, Settings
 from ocrd.observe.hashing import Progress
 from ocrd.openfile import NotRegularError, give_to_owner_of, mount_id, open_regular
 
@@ -132,7 +132,7 @@ def _read_record(fd: int) -> dict[str, object] | None:
         return None
     try:
         record = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested to make the parser give up
         return None
     return record if isinstance(record, dict) else None
 
@@ -212,9 +212,9 @@ class Fetcher:
                     return self._copy(action, source, dir_fd)
                 return self._download(action, source, dir_fd)
             except (ActionError, FetchError) as exc:
-                failures.append((source.text, str(exc)))
+                failures.append((shown(source.text), str(exc)))
                 more = {"next": "the next source"} if source is not sources[-1] else {}
-                fields = {"model": action.name, "source": source.text, "error": str(exc)}
+                fields = {"model": action.name, "source": shown(source.text), "error": str(exc)}
                 if source.remote:
                     self.log.warning("download.failed", **fields, **more)
                 elif len(sources) > 1:
@@ -300,7 +300,7 @@ class Fetcher:
                 if expected is not None and expected != found.sha256:
                     raise ActionError(
                         f"the policy pins sha256 {expected[:12]}…, but the Hub says "
-                        f"{found.sha256[:12]}… for {source.text} at commit "
+                        f"{found.sha256[:12]}… for {shown(source.text)} at commit "
                         f"{(found.commit or '?')[:12]}; fix the pin or the revision"
                     )
                 expected = found.sha256
@@ -310,7 +310,7 @@ class Fetcher:
         name = partial_name(action.name)
         fd = _open_partial(dir_fd, name)
         keep = False
-        progressing = Progressing(action.name, source.text, 0, size, time.time())
+        progressing = Progressing(action.name, shown(source.text), 0, size, time.time())
         try:
             sink = _Sink(fd, dir_fd, progressing, self.progress)
         except BaseException:
@@ -345,7 +345,7 @@ class Fetcher:
                 )
 
             begun = time.monotonic()
-            fields: dict[str, object] = {"model": action.name, "source": source.text}
+            fields: dict[str, object] = {"model": action.name, "source": shown(source.text)}
             fields["url"] = redact(url)
             if size is not None:
                 fields["bytes"] = size
@@ -369,7 +369,7 @@ class Fetcher:
                     resuming=lambda at, why: self.log.info(
                         "download.resumed",
                         model=action.name,
-                        source=source.text,
+                        source=shown(source.text),
                         offset=at,
                         reason=why,
                     ),
@@ -404,7 +404,7 @@ class Fetcher:
             self.log.info(
                 "download.finished",
                 model=action.name,
-                source=source.text,
+                source=shown(source.text),
                 bytes=transfer.total,
                 sha256=sha,
                 seconds=round(time.monotonic() - begun, 3),

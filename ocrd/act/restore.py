@@ -14,11 +14,11 @@ import os
 from collections.abc import Callable
 
 from ocrd.act.fetching import Staged
-from ocrd.act.fs import ActionError, Changed, check_unchanged, rename_noreplace
+from ocrd.act.fs import ActionError, Changed, check_unchanged, hidden_name, rename_noreplace
 from ocrd.act.trash import quarantine
 from ocrd.act.twophase import Leased, exclusive, lease_holders
 from ocrd.core.model import Action
-from ocrd.core.names import DOWNLOAD_PREFIX
+from ocrd.core.names import DOWNLOAD_PREFIX, TMP_PREFIX
 
 
 def restore(
@@ -37,17 +37,11 @@ def restore(
     """
     staged = fetch(action, dir_fd)
     tmp = staged.tmp
-    target = action.name
     old_id = None
     placed = False
+    fd = -1
     try:
-        st = os.stat(tmp, dir_fd=dir_fd, follow_symlinks=False)
-        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
-            *staged.ident,
-            staged.size,
-            staged.mtime_ns,
-        ):
-            raise ActionError(f"{tmp} changed after it was verified; fetched again next cycle")
+        fd = _open_staged(dir_fd, staged)
         os.fsync(dir_fd)
         if action.entry is not None:
             check_unchanged(root, action.entry, dir_fd=dir_fd)
@@ -70,26 +64,65 @@ def restore(
             finally:
                 if lock_fd is not None:
                     os.close(lock_fd)
-        try:
-            # Atomic, and never replaces what appeared meanwhile.
-            os.link(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            raise Changed("an entry appeared under this name meanwhile") from None
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
-                raise
-            try:
-                rename_noreplace(tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            except FileExistsError:
-                raise Changed("an entry appeared under this name meanwhile") from None
+        _place(dir_fd, fd, staged, action.name)
         os.fsync(dir_fd)
         placed = True
     finally:
+        if fd != -1:
+            os.close(fd)
         # A download that could not be put in place stays for the next cycle (which
         # checks it again instead of fetching it again); a local copy is made anew.
         if placed or not tmp.startswith(DOWNLOAD_PREFIX):
             _forget(dir_fd, staged)
     return staged, old_id
+
+
+def _open_staged(dir_fd: int, staged: Staged) -> int:
+    """The staged file, opened (no link followed, never blocking) and checked to be
+    what was verified: from here on it is linked into place through this descriptor,
+    so what is under its hidden name later does not matter."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(staged.tmp, flags, dir_fd=dir_fd)
+    except OSError as exc:
+        raise ActionError(
+            f"the verified copy {staged.tmp} is gone ({exc.strerror or exc}): it was made "
+            "in a model dir that is not this one any more, or removed; fetched again"
+        ) from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != (
+        *staged.ident,
+        staged.size,
+        staged.mtime_ns,
+    ):
+        os.close(fd)
+        raise ActionError(f"{staged.tmp} changed after it was verified; fetched again")
+    return fd
+
+
+def _place(dir_fd: int, fd: int, staged: Staged, target: str) -> None:
+    """Give the verified file (open as *fd*) the model's name: atomic, and never over
+    an entry that appeared meanwhile."""
+    try:
+        # linkat(2) of the descriptor itself (through /proc/self/fd, as for O_TMPFILE):
+        # the inode that was verified, whatever its hidden name holds by now.
+        os.link(f"/proc/self/fd/{fd}", target, dst_dir_fd=dir_fd, follow_symlinks=True)
+        return
+    except FileExistsError:
+        raise Changed("an entry appeared under this name meanwhile") from None
+    except OSError as exc:
+        if exc.errno not in (errno.ENOENT, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+    # No /proc, or a filesystem without hard links: by name, then checked.
+    try:
+        rename_noreplace(staged.tmp, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except FileExistsError:
+        raise Changed("an entry appeared under this name meanwhile") from None
+    st = os.stat(target, dir_fd=dir_fd, follow_symlinks=False)
+    if (st.st_dev, st.st_ino) != staged.ident:  # swapped in between: not ours, away with it
+        hidden = hidden_name(TMP_PREFIX)
+        rename_noreplace(target, hidden, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        raise ActionError(f"{staged.tmp} was swapped before it was put in place; not used")
 
 
 def _forget(dir_fd: int, staged: Staged) -> None:

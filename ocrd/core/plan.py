@@ -27,7 +27,7 @@ from ocrd.core.model import (
     Snapshot,
 )
 from ocrd.core.policy import Policy, Required, format_duration, human_age
-from ocrd.core.sources import Source
+from ocrd.core.sources import Source, shown
 from ocrd.core.versions import Families
 
 
@@ -156,7 +156,7 @@ def _corrupt_reason(entry: Entry, pin: str) -> str:
 
 
 def _where(sources: Sequence[Source]) -> str:
-    first = sources[0].text
+    first = shown(sources[0].text)
     more = len(sources) - 1
     return first if not more else f"{first} (or {more} more mirror{'s' if more > 1 else ''})"
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from ocrd.core.model import Class, Classified, Entry, Plan, ReportKind, TrashItem
 from ocrd.core.policy import human_age
+from ocrd.core.sources import shown
 from ocrd.core.versions import family_note
 
 SCHEMA = 1
@@ -106,8 +107,8 @@ def plan_json(root: str, plan: Plan) -> dict[str, Any]:
                 "rule": a.rule,
                 "bytes": a.bytes,
                 "mode": a.mode or None,
-                "source": a.source,
-                "sources": list(a.sources),
+                "source": None if a.source is None else shown(a.source),
+                "sources": [shown(t) for t in a.sources],
                 "trash_id": a.trash_id,
             }
             for a in plan.actions

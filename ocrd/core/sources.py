@@ -46,6 +46,24 @@ class Source:
         return self.text
 
 
+def redact(url: str) -> str:
+    """*url* as it may be logged: no query string (a signed URL carries its key there)
+    and never credentials."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    query = "?…" if parts.query else ""
+    return f"{parts.scheme}://{host}{parts.path}{query}"
+
+
+def shown(text: str) -> str:
+    """A source as logs, reasons and status show it: an URL's query string left out."""
+    if _SCHEME.match(text) and text.split(":", 1)[0].lower() in ("http", "https"):
+        return redact(text)
+    return text
+
+
 FORMS = (
     "a file path, an http(s):// URL, or hf://OWNER/REPO[@REVISION]/PATH "
     "(e.g. hf://aspose/ocr-models/en_ocr_v1.gguf)"

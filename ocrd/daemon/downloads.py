@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from ocrd.act.fetching import Fetcher, Pending, Progressing, Staged
 from ocrd.act.fs import ActionError, Log
 from ocrd.core.model import Action, ActionKind
-from ocrd.core.sources import parse_source
+from ocrd.core.sources import parse_source, shown
 from ocrd.fetch.transport import Settings
 from ocrd.observe.hashing import Progress
 
@@ -38,7 +38,9 @@ def remote(action: Action) -> bool:
 
 @dataclass
 class _Job:
+    model: str
     key: tuple[tuple[str, ...], str | None]  # what it fetches: sources and pin
+    where: tuple[int, int]  # the model dir it downloads into: (device, inode)
     fetcher: Fetcher
     thread: threading.Thread | None = None
     progress: Progressing | None = None
@@ -60,6 +62,7 @@ class Downloads:
         self.log, self.wake, self.progress = log, wake, progress
         self.settings = Settings()
         self._jobs: dict[str, _Job] = {}
+        self._leaving: list[_Job] = []  # aborted, their thread not ended yet
         self._lock = threading.Lock()
         self._stopping = False
 
@@ -71,19 +74,26 @@ class Downloads:
         deferred: dict[str, str] = {}
         wanted = {(a.name, a.sources, a.sha256) for a in actions if remote(a)}
         names = {name for name, _, _ in wanted}
+        here = _identity(dir_fd)
         with self._lock:
             dropped = [
                 self._jobs.pop(name)
                 for name, job in list(self._jobs.items())
-                if name not in names or (name, *job.key) not in wanted  # not needed as it is
+                # Not needed as it is, or for a model dir that is not this one any more.
+                if name not in names or (name, *job.key) not in wanted or job.where != here
             ]
         for job in dropped:
             job.fetcher.abort()
         for job in dropped:  # a new download of that model needs its file (and its lock)
             if job.thread is not None:
                 job.thread.join(STOP_WAIT)
+        self._leaving = [job for job in [*self._leaving, *dropped] if job.running]
+        leaving = {job.model for job in self._leaving}
         for action in actions:
             if not remote(action):
+                continue
+            if action.name in leaving:  # an aborted download of it has not let go yet
+                deferred[action.name] = "waiting for the previous download of it to stop"
                 continue
             key = (action.sources, action.sha256)
             with self._lock:
@@ -112,7 +122,8 @@ class Downloads:
 
     def _start(self, action: Action, key: tuple[tuple[str, ...], str | None], dir_fd: int) -> _Job:
         cancel = threading.Event()
-        job = _Job(key, Fetcher(self.settings, log=self.log, cancel=cancel))
+        fetcher = Fetcher(self.settings, log=self.log, cancel=cancel)
+        job = _Job(action.name, key, _identity(dir_fd), fetcher)
         job.fetcher.watch = lambda progress: setattr(job, "progress", progress)
         fd = os.dup(dir_fd)  # the thread's own: the cycle closes its descriptor
         job.thread = threading.Thread(
@@ -159,13 +170,18 @@ class Downloads:
             found.append(
                 {
                     "model": name,
-                    "source": progress.source if progress else job.key[0][0],
+                    "source": progress.source if progress else shown(job.key[0][0]),
                     "done": progress.done if progress else 0,
                     "total": progress.total if progress else None,
                     "started": job.started,
                 }
             )
         return found
+
+
+def _identity(dir_fd: int) -> tuple[int, int]:
+    st = os.fstat(dir_fd)
+    return st.st_dev, st.st_ino
 
 
 def _describe(job: _Job) -> str:

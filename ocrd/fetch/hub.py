@@ -21,8 +21,8 @@ import urllib.parse
 from dataclasses import dataclass
 
 from ocrd import __version__
-from ocrd.core.sources import Source
-from ocrd.fetch.transport import REDIRECTS, Answer, FetchError, Transport
+from ocrd.core.sources import Source, redact
+from ocrd.fetch.transport import REDIRECTS, Answer, FetchError, Transport, length
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -59,9 +59,17 @@ def _url(source: Source, revision: str | None) -> str:
 
 
 def _headers() -> dict[str, str]:
-    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+    """The Hub's user agent and token. Built here, not with build_hf_headers, which may
+    ask the Hub things of its own (over its own HTTP client, past ocrd's settings) and
+    write files under HF_HOME."""
+    import huggingface_hub
+    from huggingface_hub import constants, get_token
 
-    return dict(build_hf_headers(library_name="ocrd", library_version=__version__))
+    headers = {"User-Agent": f"ocrd/{__version__}; hf_hub/{huggingface_hub.__version__}"}
+    token = None if constants.HF_HUB_DISABLE_IMPLICIT_TOKEN else get_token()
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return headers
 
 
 def _strip(etag: str | None) -> str | None:
@@ -144,7 +152,7 @@ def resolve(source: Source, transport: Transport) -> HubFile:
     size_text = found.get(constants.HUGGINGFACE_HEADER_X_LINKED_SIZE)
     if size_text is None and answer.status not in REDIRECTS:
         size_text = found.get("Content-Length")
-    size = int(size_text) if size_text is not None and size_text.isdigit() else None
+    size = length(size_text)
     return HubFile(
         url=_url(source, commit) if commit is not None else url,
         headers=headers,
@@ -169,5 +177,5 @@ def _head(transport: Transport, url: str, headers: dict[str, str], host: str) ->
             return answer  # to the CDN: what the Hub says is on this answer
         url = target
     raise FetchError(
-        f"more than {transport.settings.max_redirects} redirects on the Hub from {url}"
+        f"more than {transport.settings.max_redirects} redirects on the Hub from {redact(url)}"
     )

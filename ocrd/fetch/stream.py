@@ -28,17 +28,13 @@ from typing import Protocol
 
 import urllib3.exceptions as u3
 
-from ocrd.fetch.transport import (
-    Answer,
-    Cancelled,
-    FetchError,
-    Transport,
-    http_error,
-    redact,
-)
+from ocrd.core.sources import redact
+from ocrd.fetch.transport import Answer, Cancelled, FetchError, Transport, http_error
+from ocrd.fetch.transport import length as as_length
 
 CHUNK = 1024 * 1024  # at most one read from the socket, one write to the file
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+ROOM_EVERY = 16 * CHUNK  # a body of no said length: free space looked at this often
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.ASCII)
 
 
 class Sink(Protocol):
@@ -91,6 +87,7 @@ class Transfer:
     url: str  # where the body came from, after redirects
     total: int
     validators: Validators
+    length: int | None = None  # the body's whole length, as the server said it
     resumed: list[int] = field(default_factory=list)  # the offsets it resumed from
     restarted: int = 0  # times it had to start over
     retries: int = 0
@@ -129,7 +126,7 @@ def _span(answer: Answer) -> tuple[int, int | None]:
         total = None if match.group(3) == "*" else int(match.group(3))
         return int(match.group(1)), total
     length = answer.headers.get("Content-Length")
-    return 0, int(length) if length is not None and length.isdigit() else None
+    return 0, as_length(length)
 
 
 class _Dropped(Exception):
@@ -166,6 +163,8 @@ def fetch_body(
     resumable = partial is not None and partial.url == url and partial.validators.if_range()
     pos = offset if resumable else 0
     transfer = Transfer(url, url, 0, partial.validators if pos and partial else Validators())
+    if pos and partial is not None:
+        transfer.length = partial.total
     if offset and not pos:
         _truncate(sink)
     failures = 0
@@ -219,6 +218,7 @@ def _start_over(sink: Sink, transfer: Transfer) -> int:
     _truncate(sink)
     transfer.restarted += 1
     transfer.validators = Validators()
+    transfer.length = None
     return 0
 
 
@@ -236,9 +236,14 @@ def _receive(
     when the server will not send the rest (start over); _Dropped to resume."""
     status = answer.status
     if status == 416 and pos:
-        # Nothing left after pos: whole if the server's length is what landed.
-        match = re.fullmatch(r"bytes\s+\*/(\d+)", answer.headers.get("Content-Range", "").strip())
-        if match is not None and int(match.group(1)) == pos:
+        # Nothing left after pos: whole if the server's length is what landed, of the
+        # version that landed (a proxy may answer 416 whatever If-Range says).
+        match = re.fullmatch(
+            r"bytes\s+\*/(\d+)", answer.headers.get("Content-Range", "").strip(), re.ASCII
+        )
+        said = Validators.of(answer.headers)
+        same = said == Validators() or transfer.validators.same(said)
+        if match is not None and int(match.group(1)) == pos == transfer.length and same:
             transfer.total = pos
             return True
         return False
@@ -251,9 +256,19 @@ def _receive(
         )
     first, end = _span(answer)
     validators = Validators.of(answer.headers)
+    if status == 206 and not pos and first != 0:
+        raise FetchError(
+            f"{redact(answer.url)} sent a part from byte {first} (HTTP 206) when asked for "
+            "the whole file",
+            retry=True,
+        )
     if pos and status == 200:  # the whole body again (another version, or no ranges)
         pos = _start_over(sink, transfer)
-    elif pos and (first != pos or not transfer.validators.same(validators)):
+    elif pos and (
+        first != pos
+        or not transfer.validators.same(validators)
+        or (transfer.length is not None and end != transfer.length)
+    ):
         return False  # not the rest of the version that landed: ask for all of it
     if "text/html" in answer.headers.get("Content-Type", "").lower():
         raise _not_the_model(answer, what, answer.raw.read(4096))
@@ -263,7 +278,7 @@ def _receive(
         )
     if end is not None:
         sink.room(end - pos)
-    transfer.url, transfer.validators = answer.url, validators
+    transfer.url, transfer.validators, transfer.length = answer.url, validators, end
     if started is not None:
         started(Partial(transfer.asked, validators, end))
     here = pos
@@ -286,8 +301,15 @@ def _receive(
             raise _not_the_model(answer, what, chunk)
         if end is not None and here + len(chunk) > end:
             raise FetchError(f"{redact(answer.url)} sent more than the {end} bytes it announced")
+        if end is None and expected_size is not None and here + len(chunk) > expected_size:
+            raise FetchError(
+                f"{redact(answer.url)} sent more than the {expected_size} bytes the source's "
+                "metadata says"
+            )
         _write_all(sink.fd, chunk, here)
         here += len(chunk)
+        if end is None and here // ROOM_EVERY != (here - len(chunk)) // ROOM_EVERY:
+            sink.room(0)  # no length said: the free-space margin is kept as it comes
         sink.landed(here)  # may raise (Interrupted: the daemon is stopping)
     if transport.cancel.is_set():
         raise Cancelled("stopped")

@@ -28,9 +28,13 @@ import stat
 import threading
 import urllib.parse
 import urllib.request
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from ocrd.core.sources import redact
+from ocrd.openfile import NotRegularError, open_regular
 
 if TYPE_CHECKING:
     import urllib3
@@ -123,17 +127,6 @@ class Answer:
             self.raw.close()
 
 
-def redact(url: str) -> str:
-    """*url* as it may be logged: no query string (a CDN's signed URL carries its key
-    there) and never credentials."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    query = "?…" if parts.query else ""
-    return f"{parts.scheme}://{host}{parts.path}{query}"
-
-
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urllib.parse.urlsplit(url)
     port = parts.port or (443 if parts.scheme == "https" else 80)
@@ -146,33 +139,68 @@ def _netrc_file(settings: Settings) -> str | None:
     return os.environ.get("NETRC") or None
 
 
+def _open_file(path: str, what: str) -> int:
+    """A descriptor of the regular file *path* (never blocking on a FIFO or device)."""
+    try:
+        return open_regular(path, follow=True)
+    except NotRegularError as exc:
+        raise FetchError(f"{what} {exc}; name a plain file") from None
+    except OSError as exc:
+        raise FetchError(f"{what} {path}: {exc.strerror or exc}") from None
+
+
 def load_credentials(path: str | None) -> dict[str, tuple[str, str]]:
     """host -> (login, password) from a netrc file; {} without one.
 
     The file must be a regular file that only its owner can read: credentials that
-    other users can read are refused (as ssh refuses a world-readable key).
+    other users can read are refused (as ssh refuses a world-readable key). What it
+    holds never reaches an error message (a parse error names the line only).
     """
     if path is None:
         return {}
+    fd = _open_file(path, "netrc file")
     try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise FetchError(f"netrc file {path}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise FetchError(f"netrc file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise FetchError(
-            f"netrc file {path} can be read by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"it holds passwords: chmod 600 {path}"
-        )
-    try:
-        parsed = netrc.netrc(path)
-    except (netrc.NetrcParseError, OSError) as exc:
-        raise FetchError(f"netrc file {path} cannot be read: {exc}") from None
+        st = os.fstat(fd)
+        if st.st_mode & 0o077:
+            raise FetchError(
+                f"netrc file {path} can be read by other users (mode "
+                f"{stat.S_IMODE(st.st_mode):04o}); it holds passwords: chmod 600 {path}"
+            )
+        try:  # the file opened above, whatever is under its name by now
+            parsed = netrc.netrc(f"/proc/self/fd/{fd}")
+        except netrc.NetrcParseError as exc:
+            raise FetchError(
+                f"netrc file {path} cannot be parsed (line {exc.lineno}); each entry is "
+                "`machine HOST login NAME password SECRET`"
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+            raise FetchError(f"netrc file {path} cannot be read ({why})") from None
+    finally:
+        os.close(fd)
     found: dict[str, tuple[str, str]] = {}
     for host, (login, _account, password) in parsed.hosts.items():
         found[host.lower()] = (login or "", password or "")
     return found
+
+
+CA_MAX = 16 * 1024 * 1024  # a CA bundle bigger than this is not one
+
+
+def load_ca_bundle(path: str) -> str:
+    """The PEM text of `download.ca_bundle`, read once (a FIFO is refused, not read)."""
+    fd = _open_file(path, "download.ca_bundle")
+    try:
+        data = os.read(fd, CA_MAX + 1)
+    except OSError as exc:
+        raise FetchError(f"download.ca_bundle {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > CA_MAX or b"-----BEGIN CERTIFICATE-----" not in data:
+        raise FetchError(
+            f"download.ca_bundle {path} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"
+        )
+    return data.decode("ascii", "replace")
 
 
 def basic_auth(login: str, password: str) -> str:
@@ -310,6 +338,14 @@ def http_error(status: int, url: str, headers: Mapping[str, str], what: str = ""
     return FetchError(f"{host} answered HTTP {status} for {where}", status=status)
 
 
+def length(text: str | None) -> int | None:
+    """A byte count from a header: ASCII digits only ('²' is a digit to str.isdigit)."""
+    if text is None:
+        return None
+    text = text.strip()
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds from a Retry-After header (a number of seconds only), capped."""
     value = headers.get("Retry-After", "")
@@ -317,6 +353,33 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
         return min(max(float(value), 0.0), RETRY_AFTER_MAX)
     except ValueError:
         return None
+
+
+def _tracking_pools(sockets: weakref.WeakSet[socket.socket]) -> dict[str, Any]:
+    """urllib3's pool classes, with connections that note every socket they open in
+    *sockets* (so that `Transport.abort` can shut them, wherever a read waits)."""
+    import urllib3.connection as conn
+    import urllib3.connectionpool as pools
+
+    class HTTPConnection(conn.HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            sockets.add(sock)
+            return sock
+
+    class HTTPSConnection(conn.HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            sock = super()._new_conn()
+            sockets.add(sock)
+            return sock
+
+    class HTTPPool(pools.HTTPConnectionPool):
+        ConnectionCls = HTTPConnection
+
+    class HTTPSPool(pools.HTTPSConnectionPool):
+        ConnectionCls = HTTPSConnection
+
+    return {"http": HTTPPool, "https": HTTPSPool}
 
 
 class Transport:
@@ -328,6 +391,8 @@ class Transport:
         self.settings = settings
         self.cancel = cancel or threading.Event()
         self._credentials = load_credentials(_netrc_file(settings))
+        bundle = settings.ca_bundle
+        self._ca = load_ca_bundle(bundle) if bundle is not None else None
         self._timeout = urllib3.Timeout(
             connect=settings.connect_timeout, read=settings.read_timeout
         )
@@ -335,14 +400,15 @@ class Transport:
         self._proxies = urllib.request.getproxies_environment()
         self._lock = threading.Lock()
         self._current: urllib3.BaseHTTPResponse | None = None
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
     # -- pools ----------------------------------------------------------------------
 
     def _pool_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"timeout": self._timeout, "retries": False, "num_pools": 4}
         options["cert_reqs"] = "CERT_REQUIRED"
-        if self.settings.ca_bundle is not None:
-            options["ca_certs"] = self.settings.ca_bundle
+        if self._ca is not None:
+            options["ca_cert_data"] = self._ca
         return options
 
     def _pool(self, url: str) -> urllib3.PoolManager:
@@ -353,10 +419,13 @@ class Transport:
         if not urllib.request.proxy_bypass_environment(host, self._proxies):  # type: ignore[attr-defined]
             proxy = self._proxies.get(scheme) or self._proxies.get("all")
         if proxy not in self._pools:
+            manager: urllib3.PoolManager
             if proxy is None:
-                self._pools[None] = urllib3.PoolManager(**self._pool_options())
+                manager = urllib3.PoolManager(**self._pool_options())
             else:
-                self._pools[proxy] = urllib3.ProxyManager(proxy, **self._pool_options())
+                manager = urllib3.ProxyManager(proxy, **self._pool_options())
+            manager.pool_classes_by_scheme = _tracking_pools(self._sockets)
+            self._pools[proxy] = manager
         return self._pools[proxy]
 
     def close(self) -> None:
@@ -365,27 +434,39 @@ class Transport:
         self._pools.clear()
 
     def abort(self) -> None:
-        """From another thread: stop now; a read in progress ends at once."""
+        """From another thread: stop now. Every socket of this transport is shut down,
+        so a read in progress ends at once: in a body, in the headers (a server
+        dribbling its status line), in a TLS handshake."""
         self.cancel.set()
         with self._lock:
             current = self._current
         if current is not None:
             with contextlib.suppress(Exception):  # it may be closing anyway
                 current.shutdown()  # urllib3 >= 2.3: the socket, now
+        for sock in list(self._sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     # -- requests -------------------------------------------------------------------
 
     def _headers(
         self, url: str, extra: Mapping[str, str], origin: tuple[str, str, int | None]
     ) -> dict[str, str]:
-        headers = {"User-Agent": USER_AGENT, **extra}
-        if _origin(url) != origin:  # a redirect to another host: its own credentials only
+        headers: dict[str, str] = {}
+        for key, value in {"User-Agent": USER_AGENT, **extra}.items():  # one of each, any case
+            for old in [k for k in headers if k.lower() == key.lower()]:
+                del headers[old]
+            headers[key] = value
+        moved = _origin(url) != origin
+        if moved:  # a redirect to another host: its own credentials only
             headers = {
                 k: v for k, v in headers.items() if k.lower() not in ("authorization", "cookie")
             }
         if not any(k.lower() == "authorization" for k in headers):
             host = _origin(url)[1]
-            found = self._credentials.get(host) or self._credentials.get("default")
+            found = self._credentials.get(host)
+            if found is None and not moved:  # netrc's `default`: the URL's own host only
+                found = self._credentials.get("default")
             if found is not None:
                 headers["Authorization"] = basic_auth(*found)
         return headers
@@ -437,7 +518,8 @@ class Transport:
                 method = "GET" if method != "HEAD" else method
             url = target
         raise FetchError(
-            f"more than {self.settings.max_redirects} redirects (download.max_redirects) from {url}"
+            f"more than {self.settings.max_redirects} redirects (download.max_redirects) "
+            f"from {redact(url)}"
         )
 
     def done(self) -> None:

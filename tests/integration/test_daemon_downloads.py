@@ -472,7 +472,10 @@ def test_sigkill_at_the_link_into_place_keeps_the_verified_download_for_the_next
     assert daemon.finish(timeout=TIMEOUT) != 0, daemon
     assert daemon.seen("download.finished", model=MODEL), daemon
     assert not daemon.seen("model.restored"), daemon
-    assert PARTIAL in (tmp_path / "strace.log").read_text()  # killed at *its* link
+    # Killed at *its* link: the verified file, linked through its descriptor.
+    assert re.search(
+        r'linkat\([^\n]*"/proc/self/fd/\d+"[^\n]*"big.bin"', (tmp_path / "strace.log").read_text()
+    )
     assert not (models / MODEL).exists()
     assert own_tmp(models) == [PARTIAL], os.listdir(models)
     assert size_of(models / PARTIAL) == len(body)

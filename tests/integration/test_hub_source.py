@@ -700,12 +700,20 @@ def test_the_download_lands_under_its_hidden_name_and_is_linked_into_place(
     calls = trace.read_text()
     created = re.search(rf'openat\([^\n]*"{re.escape(hidden)}", [^\n]*O_CREAT[^\n]*= \d+', calls)
     assert created, f"no openat(O_CREAT) of {hidden} in the trace"
+    # Linked into place through the descriptor it was verified by: the hidden name's
+    # last read-only open, then linkat("/proc/self/fd/N", …, MODEL, AT_SYMLINK_FOLLOW).
+    opened = re.findall(rf'openat\([^\n]*"{re.escape(hidden)}", O_RDONLY[^\n]*= (\d+)', calls)
+    assert opened, f"{hidden} was never opened to be put in place"
     placed = re.search(
+        rf'linkat\([^\n]*"/proc/self/fd/{opened[-1]}"[^\n]*"{re.escape(MODEL)}"'
+        r"[^\n]*AT_SYMLINK_FOLLOW\) = 0",
+        calls,
+    ) or re.search(
         rf'(link|linkat|rename|renameat|renameat2)\([^\n]*"{re.escape(hidden)}"[^\n]*'
         rf'"{re.escape(MODEL)}"[^\n]*= 0',
         calls,
     )
     assert placed, f"{hidden} was not linked or renamed to {MODEL}:\n" + "\n".join(
-        line for line in calls.splitlines() if "ocrd-tmp" in line
+        line for line in calls.splitlines() if "ocrd-tmp" in line or "link" in line
     )
     assert not (models / hidden).exists()
