@@ -335,7 +335,9 @@ def test_list_json_has_the_documented_schema(run_ocrd, root):
     assert set(doc) == {"schema", "model_dir", "models", "deleted_held", "pinned_bytes"}
     assert doc["schema"] == 1
     assert doc["model_dir"] == os.path.realpath(root)
-    fields = {"name", "class", "rule", "kind", "size", "mtime", "age_seconds", "pin"}
+    fields = {
+        "name", "class", "rule", "kind", "size", "mtime", "age_seconds", "pin", "family", "rank"
+    }  # fmt: skip
     assert all(set(m) == fields for m in doc["models"])
     by_name = {m["name"]: m for m in doc["models"]}
     assert set(by_name) == {"en.bin", "qwen.gguf", "old_a.bin", "notes.txt"}

@@ -660,7 +660,7 @@ def age_of(e: Entry) -> float:
     return max(0.0, NOW - e.mtime)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_classes_families_and_ranks_are_as_the_readme_says(scenario: Scenario) -> None:
     """Every entry's class, family and rank match the reference, independent of plan.py."""
@@ -671,7 +671,7 @@ def test_classes_families_and_ranks_are_as_the_readme_says(scenario: Scenario) -
     assert got == expected(policy, names)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_protected_and_newest_members_are_never_pruned(scenario: Scenario) -> None:
     """No required or whitelisted member, and no member ranked within keep (prune prefix or
@@ -694,7 +694,7 @@ def test_protected_and_newest_members_are_never_pruned(scenario: Scenario) -> No
             assert c.name not in reported(plan, ReportKind.WAITING), c
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_exactly_the_old_unprotected_members_beyond_keep_are_due(scenario: Scenario) -> None:
     """Before caps, the due prune candidates are exactly the unprotected members ranked
@@ -722,7 +722,7 @@ def test_exactly_the_old_unprotected_members_beyond_keep_are_due(scenario: Scena
     }
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_caps_still_hold_with_families(scenario: Scenario) -> None:
     """At most max_per_cycle prunes, oldest first; over max_fraction of the models nothing is
@@ -748,7 +748,7 @@ def test_caps_still_hold_with_families(scenario: Scenario) -> None:
     assert {a.mode for a in plan.actions if a.kind is ActionKind.PRUNE} <= {policy.prune.action}
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(scenarios(), st.randoms(use_true_random=False))
 def test_the_plan_does_not_depend_on_entry_order(scenario: Scenario, rnd: random.Random) -> None:
     """Shuffled entries give an equal plan, ranks included, and the same next_due."""
@@ -767,7 +767,7 @@ def without(snapshot: Snapshot, gone: set[str]) -> Snapshot:
     return Snapshot(ROOT, 1, tuple(e for e in snapshot.entries if e.name not in gone))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_removing_the_pruned_members_leaves_nothing_more_to_prune(scenario: Scenario) -> None:
     """When no cap was hit, applying the plan's prunes and reconciling again prunes nothing
@@ -787,7 +787,7 @@ def test_removing_the_pruned_members_leaves_nothing_more_to_prune(scenario: Scen
             assert now_kept[name] == (cls, family, rank)  # within keep: the same place
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(scenarios(fraction=1.0))
 def test_repeated_cycles_converge_to_the_newest_keep(scenario: Scenario) -> None:
     """With max_fraction 1 and caps of any size, cycles at a fixed time stop pruning within
@@ -815,7 +815,7 @@ def test_repeated_cycles_converge_to_the_newest_keep(scenario: Scenario) -> None
             assert c.name in hold or age_of(by_name[c.name]) < policy.prune.min_age, c
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(scenarios())
 def test_next_due_is_when_the_first_waiting_candidate_becomes_due(scenario: Scenario) -> None:
     """next_due is the earliest mtime+min_age of a waiting candidate (a family member or
