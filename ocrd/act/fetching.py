@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ocrd.act.fs import ActionError, Log, hidden_name
 from ocrd.act.landing import Chaser, copy_into
@@ -39,6 +40,9 @@ from ocrd.core.sources import Source, SourceKind, parse_source, redact, shown
 from ocrd.fetch.transport import Cancelled, FetchError, Settings
 from ocrd.observe.hashing import Progress
 from ocrd.openfile import NotRegularError, give_to_owner_of, mount_id, open_regular
+
+if TYPE_CHECKING:
+    from ocrd.fetch.transport import Transport
 
 RESTORE_MARGIN = 64 * 1024 * 1024  # free space kept beyond the restored file
 RECORD = "user.ocrd.download"  # the extended attribute of a partial download
@@ -199,7 +203,7 @@ class Fetcher:
         self.settings, self.log, self.progress = settings, log, progress
         self.cancel = cancel or threading.Event()
         self.watch = watch
-        self._transport: object | None = None
+        self._transport: Transport | None = None
 
     def __call__(self, action: Action, dir_fd: int) -> Staged:
         failures: list[tuple[str, str]] = []
@@ -284,12 +288,22 @@ class Fetcher:
     # -- the network ----------------------------------------------------------------
 
     def _download(self, action: Action, source: Source, dir_fd: int) -> Staged:
-        from ocrd.fetch import hub
-        from ocrd.fetch.stream import Partial, Validators, fetch_body
         from ocrd.fetch.transport import Transport
 
         transport = Transport(self.settings, self.cancel)
         self._transport = transport
+        try:
+            return self._download_with(transport, action, source, dir_fd)
+        finally:
+            transport.close()
+            self._transport = None
+
+    def _download_with(
+        self, transport: Transport, action: Action, source: Source, dir_fd: int
+    ) -> Staged:
+        from ocrd.fetch import hub
+        from ocrd.fetch.stream import Partial, Validators, fetch_body
+
         expected = action.sha256
         size = None
         headers: dict[str, str] = {}
@@ -428,8 +442,6 @@ class Fetcher:
             if not keep:
                 _drop(dir_fd, name, fd)
             os.close(fd)
-            transport.close()
-            self._transport = None
             self._tell(None)
 
     def _tell(self, progressing: Progressing | None) -> None:
@@ -441,7 +453,7 @@ class Fetcher:
         self.cancel.set()
         transport = self._transport
         if transport is not None:
-            transport.abort()  # type: ignore[attr-defined]
+            transport.abort()
 
 
 def _text(value: object) -> str | None:
